@@ -1,0 +1,206 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Archive logic: what ``archive_command`` (push) and ``restore_command`` (fetch) mean.
+
+The rules come from PostgreSQL's contract (see the collection's docs): success only when
+durable; an identical duplicate is success, a differing one is a loud failure that leaves
+the archived copy alone; a file from another cluster is refused; fetch writes a complete,
+verified file or nothing. Pure except for the repository/storage calls, so every rule is
+unit-testable with an in-memory storage. Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from ansible_collections.pitr.postgresql.plugins.module_utils import compression
+from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
+    ArchiveConflictError,
+    IntegrityError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    PitrError,
+    RepositoryError,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (
+    Repository,
+    RepositoryIdentity,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
+    PARTIAL,
+    SEGMENT,
+    WalFileName,
+    WalNameError,
+    parse_long_page_header,
+    read_system_identifier_from_control,
+)
+
+
+class WalNotArchivedError(PitrError):
+    """The requested file is truly not in the archive (the normal end of WAL)."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    action: str  # "archived" or "already archived"
+    size: int
+    stored_size: int
+    codec: str
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    name: str
+    size: int
+    stored_size: int
+    codec: str
+
+
+def cluster_identity_from_datadir(datadir: str) -> RepositoryIdentity | None:
+    """System identifier and major version of the cluster whose data directory is given.
+
+    ``archive_command`` runs with the data directory as working directory, so the host
+    command can learn who is pushing even for files without a page header (.history).
+    Returns None when the directory is not readable as a data directory.
+    """
+    try:
+        with open(os.path.join(datadir, "global", "pg_control"), "rb") as fh:
+            sysid = read_system_identifier_from_control(fh.read(8))
+        with open(os.path.join(datadir, "PG_VERSION"), encoding="ascii") as fh:
+            major = int(fh.read().strip().split(".")[0])
+    except (OSError, ValueError):
+        return None
+    return RepositoryIdentity(sysid, major, 0)
+
+
+def identity_of_segment(data: bytes, name: str) -> RepositoryIdentity:
+    """Identity carried by a segment's long page header."""
+    try:
+        header = parse_long_page_header(data)
+    except ValueError as exc:
+        raise PitrError(
+            f"{name} does not start with a WAL page header ({exc}); refusing to archive it",
+            wal=name,
+        ) from exc
+    return RepositoryIdentity(header.system_identifier, header.pg_major or 0, header.segment_size)
+
+
+def push(
+    repo: Repository,
+    source_path: str,
+    *,
+    codec: str = compression.AUTO,
+    level: int | None = None,
+    cluster: RepositoryIdentity | None = None,
+) -> PushResult:
+    """Archive the file at ``source_path`` durably, or raise a PitrError saying why not."""
+    name = os.path.basename(source_path)
+    try:
+        wal = WalFileName.parse(name)
+    except WalNameError as exc:
+        raise PitrError(str(exc), wal=name) from exc
+    try:
+        with open(source_path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise PitrError(f"cannot read {source_path}: {exc.strerror}", wal=name) from exc
+
+    pushing = cluster
+    if wal.kind in (SEGMENT, PARTIAL):
+        from_header = identity_of_segment(data, name)
+        if from_header.pg_major == 0 and cluster is not None:
+            from_header = RepositoryIdentity(
+                from_header.system_identifier, cluster.pg_major, from_header.wal_segment_size
+            )
+        pushing = from_header
+        if wal.kind == SEGMENT and len(data) != from_header.wal_segment_size:
+            raise PitrError(
+                f"{name} is {len(data)} bytes but its header says segments are"
+                f" {from_header.wal_segment_size} bytes; refusing to archive a truncated segment",
+                wal=name,
+            )
+    if repo.identity() is None:
+        if pushing is None or not pushing.wal_segment_size or not pushing.pg_major:
+            raise RepositoryError(
+                f"repository {repo.describe()} has no identity yet and {name} does not carry"
+                " one; initialise it with `pitr-wal init --pgdata DATADIR` (the archiving"
+                " role does this)",
+                wal=name,
+            )
+        repo.ensure_identity(pushing)
+    elif pushing is not None:
+        repo.check_identity(pushing)
+
+    digest = hashlib.sha256(data).hexdigest()
+    existing = repo.wal_header(name)
+    if existing is not None:
+        return _compare_existing(repo, name, data, digest, existing.sha256, existing.size)
+    resolved = compression.resolve(codec)
+    try:
+        stored = repo.put_wal(name, data, resolved, level)
+    except ObjectExistsError:
+        # Another archiver stored the same name between our check and our link.
+        existing = repo.wal_header(name)
+        assert existing is not None
+        return _compare_existing(repo, name, data, digest, existing.sha256, existing.size)
+    return PushResult(name, "archived", len(data), stored, resolved)
+
+
+def _compare_existing(
+    repo: Repository, name: str, data: bytes, digest: str, their_digest: str, their_size: int
+) -> PushResult:
+    if their_digest == digest and their_size == len(data):
+        # Identical by recorded checksum; prove the stored copy is readable and complete
+        # before telling PostgreSQL it may recycle the segment.
+        header, _ = repo.get_wal(name)
+        return PushResult(name, "already archived", len(data), header.stored_size, header.codec)
+    raise ArchiveConflictError(
+        f"{name} is already archived in {repo.describe()} with different content (archived:"
+        f" {their_size} bytes, sha256 {their_digest[:16]}...; this server: {len(data)} bytes,"
+        f" sha256 {digest[:16]}...). The archived copy was left untouched. Check whether two"
+        " clusters archive into one repository, or whether this server's WAL or the archive"
+        " is corrupt; fix that before archiving resumes.",
+        wal=name,
+    )
+
+
+def fetch(repo: Repository, name: str, dest_path: str) -> FetchResult:
+    """Write the verified archived file ``name`` to ``dest_path`` (complete or not at all).
+
+    Raises WalNotArchivedError only when the file is truly absent; any other failure is a
+    PitrError that must not be mistaken for the end of the archive.
+    """
+    try:
+        WalFileName.parse(name)
+    except WalNameError as exc:
+        raise PitrError(str(exc), wal=name) from exc
+    try:
+        header, data = repo.get_wal(name)
+    except ObjectNotFoundError:
+        raise WalNotArchivedError(f"{name} is not in the archive", wal=name) from None
+    if header.name != name:
+        raise IntegrityError(
+            f"the object stored as {name} holds {header.name}: the repository is damaged",
+            wal=name,
+        )
+    tmp = f"{dest_path}.pitr-tmp.{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest_path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise PitrError(f"cannot write {dest_path}: {exc.strerror}", wal=name) from exc
+    return FetchResult(name, header.size, header.stored_size, header.codec)
+

@@ -1,0 +1,332 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The host command ``pitr-wal``: archive_command and restore_command on database hosts.
+
+    archive_command = '/usr/bin/python3 -I -S /usr/local/lib/pitr-postgresql/bin/pitr-wal
+                       --repo /srv/pitr push %p'
+    restore_command = '/usr/bin/python3 -I -S /usr/local/lib/pitr-postgresql/bin/pitr-wal
+                       --repo /srv/pitr fetch %f %p'
+
+Exit codes follow PostgreSQL's contract:
+
+- push: 0 only when the file is durably archived (or an identical copy already was);
+  every failure exits 1..125 so that pg_stat_archiver.failed_count counts it.
+- fetch: 0 after writing a complete, verified file; 1 only when the file is truly not
+  archived (the normal end of WAL); any other error, after bounded retries, exits 255 (above
+  125) so that recovery stops instead of ending early and promoting.
+
+It runs once per WAL segment: standard library only, no argparse, one log line per action
+on stderr. It never imports Ansible.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import time
+import typing as t
+
+PUSH_FAILED = 1
+USAGE_FAILED = 2
+FETCH_NOT_FOUND = 1
+FETCH_FATAL = 255
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_RETRIES = 3
+DEFAULT_RETRY_DELAY = 1.0
+PROG = "pitr-wal"
+
+USAGE = f"""usage: {PROG} --repo PATH [options] push WAL_PATH
+       {PROG} --repo PATH [options] fetch WAL_NAME DEST_PATH
+       {PROG} --repo PATH init (--pgdata DIR | --system-identifier N --pg-major N)
+                                [--segment-size BYTES]
+options:
+  --repo PATH          the repository directory (required)
+  --compress CODEC     auto (zstd, else lz4, else none), zstd, lz4, gzip or none [auto]
+  --level N            compression level [codec default: zstd 1, lz4 1, gzip 6]
+  --timeout SECONDS    fail when one action takes longer (0: no limit) [{DEFAULT_TIMEOUT:g}]
+  --retries N          fetch: attempts before giving up on a real error [{DEFAULT_RETRIES}]
+  --retry-delay SECS   fetch: pause between attempts [{DEFAULT_RETRY_DELAY:g}]
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+class Options:
+    def __init__(self) -> None:
+        self.repo = ""
+        self.compress = "auto"
+        self.level: int | None = None
+        self.timeout = DEFAULT_TIMEOUT
+        self.retries = DEFAULT_RETRIES
+        self.retry_delay = DEFAULT_RETRY_DELAY
+        self.pgdata = ""
+        self.system_identifier = 0
+        self.pg_major = 0
+        self.segment_size = 16 * 1024 * 1024
+        self.action = ""
+        self.args: list[str] = []
+
+
+_VALUE_OPTIONS = {
+    "--repo": ("repo", str),
+    "--compress": ("compress", str),
+    "--level": ("level", int),
+    "--timeout": ("timeout", float),
+    "--retries": ("retries", int),
+    "--retry-delay": ("retry_delay", float),
+    "--pgdata": ("pgdata", str),
+    "--system-identifier": ("system_identifier", int),
+    "--pg-major": ("pg_major", int),
+    "--segment-size": ("segment_size", int),
+}
+_ARITY = {"push": 1, "fetch": 2, "init": 0, "version": 0}
+
+
+def parse_args(argv: t.Sequence[str]) -> Options:
+    """Parse the command line (options may come before or after the action)."""
+    opts = Options()
+    positional: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise UsageError("")
+        name, eq, inline = arg.partition("=")
+        if name in _VALUE_OPTIONS:
+            attr, conv = _VALUE_OPTIONS[name]
+            if eq:
+                value = inline
+            else:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"{name} needs a value")
+                value = argv[i]
+            try:
+                setattr(opts, attr, conv(value))
+            except ValueError:
+                raise UsageError(f"{name}: {value!r} is not a valid value") from None
+        elif arg.startswith("--") and not positional:
+            raise UsageError(f"unknown option {arg}")
+        else:
+            positional.append(arg)
+        i += 1
+    if not positional:
+        raise UsageError("no action given (push, fetch or init)")
+    opts.action, opts.args = positional[0], positional[1:]
+    if opts.action not in _ARITY:
+        raise UsageError(f"unknown action {opts.action!r}")
+    if len(opts.args) != _ARITY[opts.action]:
+        raise UsageError(f"{opts.action} takes {_ARITY[opts.action]} argument(s)")
+    if opts.action != "version" and not opts.repo:
+        raise UsageError("--repo is required")
+    if opts.timeout < 0 or opts.retries < 1 or opts.retry_delay < 0:
+        raise UsageError("--timeout and --retry-delay must be >= 0, --retries >= 1")
+    return opts
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB" if n >= 1048576 else f"{n} bytes"
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: t.Any) -> None:
+    raise _Timeout()
+
+
+def run_bounded(work: t.Callable[[], int], timeout: float, fail_code: int, what: str) -> int:
+    """Run ``work`` in a child process and give up after ``timeout`` seconds.
+
+    A child stuck on a hung network file system may not even die from SIGKILL (it sleeps
+    uninterruptibly in the kernel); the parent does not wait for it, so PostgreSQL gets its
+    answer in time either way.
+    """
+    if timeout <= 0:
+        return work()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = fail_code
+        try:
+            code = work()
+        except BaseException as exc:  # never let the child return into the caller
+            log(f"{what} FAILED: unexpected {type(exc).__name__}: {exc}")
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except _Timeout:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        log(
+            f"{what} FAILED: no answer from the repository within {timeout:g} s (--timeout);"
+            " check the storage behind it (a hung mount, a full or slow disk)"
+        )
+        return fail_code
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else fail_code
+
+
+def _push(opts: Options) -> int:
+    from ansible_collections.pitr.postgresql.plugins.module_utils import archive
+    from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
+    from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
+
+    path = opts.args[0]
+    name = os.path.basename(path)
+    started = time.monotonic()
+    try:
+        repo = Repository.open_posix(opts.repo)
+        cluster = archive.cluster_identity_from_datadir(opts.pgdata or os.getcwd())
+        res = archive.push(repo, path, codec=opts.compress, level=opts.level, cluster=cluster)
+    except PitrError as exc:
+        log(f"push {name} FAILED: {exc.msg}")
+        return PUSH_FAILED
+    ms = (time.monotonic() - started) * 1000
+    log(
+        f"push {name}: {res.action}, {_mib(res.size)} stored as {res.codec}"
+        f" {_mib(res.stored_size)} in {ms:.0f} ms"
+    )
+    return 0
+
+
+def _fetch(opts: Options) -> int:
+    from ansible_collections.pitr.postgresql.plugins.module_utils import archive
+    from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
+    from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
+
+    name, dest = opts.args
+    started = time.monotonic()
+    repo = Repository.open_posix(opts.repo)
+    for attempt in range(1, opts.retries + 1):
+        try:
+            res = archive.fetch(repo, name, dest)
+        except archive.WalNotArchivedError:
+            log(f"fetch {name}: not in the archive")
+            return FETCH_NOT_FOUND
+        except PitrError as exc:
+            last = exc.msg
+            if attempt < opts.retries:
+                log(f"fetch {name}: attempt {attempt} of {opts.retries} failed: {last}; retrying")
+                time.sleep(opts.retry_delay)
+                continue
+            log(
+                f"fetch {name} FAILED after {attempt} attempts: {last}. Recovery must stop here"
+                f" (exit {FETCH_FATAL}) rather than treat this as the end of the archive."
+            )
+            return FETCH_FATAL
+        ms = (time.monotonic() - started) * 1000
+        log(f"fetch {name}: restored {_mib(res.size)} ({res.codec}) in {ms:.0f} ms")
+        return 0
+    return FETCH_FATAL
+
+
+def _init(opts: Options) -> int:
+    from ansible_collections.pitr.postgresql.plugins.module_utils import archive
+    from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
+    from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (
+        Repository,
+        RepositoryIdentity,
+    )
+
+    sysid, major = opts.system_identifier, opts.pg_major
+    if opts.pgdata:
+        found = archive.cluster_identity_from_datadir(opts.pgdata)
+        if found is None:
+            log(f"init FAILED: {opts.pgdata} is not a readable PostgreSQL data directory")
+            return PUSH_FAILED
+        sysid, major = sysid or found.system_identifier, major or found.pg_major
+    if not sysid or not major:
+        log("init FAILED: give --pgdata, or --system-identifier and --pg-major")
+        return USAGE_FAILED
+    try:
+        repo = Repository.open_posix(opts.repo)
+        identity, created = repo.ensure_identity(
+            RepositoryIdentity(sysid, major, opts.segment_size)
+        )
+    except PitrError as exc:
+        log(f"init FAILED: {exc.msg}")
+        return PUSH_FAILED
+    log(f"init: repository {'initialised' if created else 'already belongs to'} {identity.describe()}")
+    return 0
+
+
+def main(argv: t.Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    fetching = "fetch" in args
+    try:
+        opts = parse_args(args)
+    except UsageError as exc:
+        if str(exc):
+            log(str(exc))
+        sys.stderr.write(USAGE)
+        # A broken restore_command must stop recovery, not look like the end of WAL.
+        return FETCH_FATAL if fetching else USAGE_FAILED
+    if opts.action == "version":
+        from ansible_collections.pitr.postgresql.plugins.module_utils.version import VERSION
+
+        print(VERSION)
+        return 0
+    if opts.action == "push":
+        return run_bounded(lambda: _push(opts), opts.timeout, PUSH_FAILED, f"push {opts.args[0]}")
+    if opts.action == "fetch":
+        return run_bounded(
+            lambda: _fetch(opts),
+            opts.timeout * opts.retries + opts.retry_delay * opts.retries if opts.timeout else 0,
+            FETCH_FATAL,
+            f"fetch {opts.args[0]}",
+        )
+    return run_bounded(lambda: _init(opts), opts.timeout, PUSH_FAILED, "init")
+
+
+def _quote(arg: str) -> str:
+    # archive_command/restore_command expand %p, %f and %%: a literal % must be doubled.
+    return shlex.quote(arg).replace("%", "%%")
+
+
+def command_for(
+    action: str,
+    *,
+    program: str,
+    repo: str,
+    python: str = "/usr/bin/python3",
+    compress: str | None = None,
+    timeout: float | None = None,
+) -> str:
+    """The archive_command (action 'push') or restore_command ('fetch') string."""
+    if not os.path.isabs(python) or not os.path.isabs(program):
+        raise ValueError("the interpreter and the program must be absolute paths")
+    parts = [_quote(python), "-I", "-S", _quote(program), "--repo", _quote(repo)]
+    if compress and action == "push":
+        parts += ["--compress", _quote(compress)]
+    if timeout is not None:
+        parts += ["--timeout", f"{timeout:g}"]
+    parts += ["push", "%p"] if action == "push" else ["fetch", "%f", "%p"]
+    return " ".join(parts)
+
+
+def archive_command_for(**kwargs: t.Any) -> str:
+    return command_for("push", **kwargs)
+
+
+def restore_command_for(**kwargs: t.Any) -> str:
+    return command_for("fetch", **kwargs)

@@ -1,0 +1,319 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The repository: the one owner of the layout on top of a storage backend.
+
+Layout (keys in the storage)::
+
+    pitr-repository.json                      identity: system identifier, major, segment size
+    wal/history/TTTTTTTT.history              timeline history files
+    wal/TTTTTTTTLLLLLLLL/<name>               segments, .partial and .backup files
+    backups/<label>/...                       base backups (files and backup.json catalog record)
+    dumps/<label>/...                         logical dumps
+    locks/<name>.lock                         named locks (storage-level)
+
+Every archived WAL file is one object: an envelope (magic, header length, JSON header with
+original size, SHA-256 of the original bytes and codec) followed by the compressed bytes.
+The checksum travels with the data, so an object store's atomic PUT keeps them together.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+import typing as t
+from dataclasses import asdict, dataclass
+
+from ansible_collections.pitr.postgresql.plugins.module_utils import compression
+from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
+    IdentityMismatchError,
+    IntegrityError,
+    ObjectExistsError,
+    RepositoryError,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.storage import (
+    ObjectInfo,
+    PosixStorage,
+    Storage,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
+    HISTORY,
+    WalFileName,
+    WalNameError,
+    sort_key,
+)
+
+IDENTITY_KEY = "pitr-repository.json"
+REPOSITORY_FORMAT = 1
+WAL_PREFIX = "wal"
+BACKUP_PREFIX = "backups"
+DUMP_PREFIX = "dumps"
+ENVELOPE_MAGIC = b"PITRWAL1"
+_LEN = struct.Struct(">I")
+_MAX_HEADER = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RepositoryIdentity:
+    """The cluster a repository belongs to."""
+
+    system_identifier: int
+    pg_major: int
+    wal_segment_size: int
+
+    def describe(self) -> str:
+        return (
+            f"system identifier {self.system_identifier}, PostgreSQL {self.pg_major},"
+            f" WAL segment size {self.wal_segment_size}"
+        )
+
+
+@dataclass(frozen=True)
+class WalObjectHeader:
+    """The envelope header of one archived WAL file."""
+
+    name: str
+    size: int
+    sha256: str
+    codec: str
+    stored_size: int
+
+
+def wal_key(name: str) -> str:
+    """The storage key of an archived WAL file name (validated)."""
+    w = WalFileName.parse(name)
+    if w.kind == HISTORY:
+        return f"{WAL_PREFIX}/history/{name}"
+    return f"{WAL_PREFIX}/{name[:16]}/{name}"
+
+
+def encode_wal_object(name: str, data: bytes, codec: str, level: int | None = None) -> bytes:
+    """Build the stored object for ``data`` (original bytes) with ``codec`` (resolved)."""
+    payload = compression.compress(data, codec, level)
+    header = {
+        "v": 1,
+        "name": name,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "codec": codec,
+        "stored_size": len(payload),
+    }
+    raw = json.dumps(header, sort_keys=True).encode()
+    return b"".join((ENVELOPE_MAGIC, _LEN.pack(len(raw)), raw, payload))
+
+
+def decode_wal_header(blob: bytes, key: str = "") -> tuple[WalObjectHeader, int]:
+    """Parse an envelope's header; return it and the payload offset."""
+    if blob[: len(ENVELOPE_MAGIC)] != ENVELOPE_MAGIC or len(blob) < len(ENVELOPE_MAGIC) + 4:
+        raise IntegrityError(
+            f"{key or 'object'} is not a pitr.postgresql WAL object (bad magic or truncated)",
+            key=key,
+        )
+    (hlen,) = _LEN.unpack_from(blob, len(ENVELOPE_MAGIC))
+    start = len(ENVELOPE_MAGIC) + 4
+    if hlen > _MAX_HEADER or len(blob) < start + hlen:
+        raise IntegrityError(f"{key or 'object'} has a truncated header", key=key)
+    try:
+        h = json.loads(blob[start : start + hlen])
+        header = WalObjectHeader(
+            str(h["name"]), int(h["size"]), str(h["sha256"]), str(h["codec"]), int(h["stored_size"])
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{key or 'object'} has an unreadable header: {exc}", key=key) from exc
+    return header, start + hlen
+
+
+def decode_wal_object(blob: bytes, key: str = "") -> tuple[WalObjectHeader, bytes]:
+    """Verify and decompress a stored WAL object; IntegrityError on any mismatch."""
+    header, offset = decode_wal_header(blob, key)
+    payload = blob[offset:]
+    if len(payload) != header.stored_size:
+        raise IntegrityError(
+            f"{key} is truncated or padded: {len(payload)} stored bytes, header says"
+            f" {header.stored_size}",
+            key=key,
+        )
+    try:
+        data = compression.decompress(payload, header.codec, header.size)
+    except compression.CompressionError as exc:
+        raise IntegrityError(f"{key}: {exc.msg}", key=key) from exc
+    if len(data) != header.size:
+        raise IntegrityError(
+            f"{key} decompresses to {len(data)} bytes, expected {header.size}", key=key
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != header.sha256:
+        raise IntegrityError(
+            f"{key} fails its checksum (sha256 {digest}, recorded {header.sha256}): the"
+            " archived copy is corrupt",
+            key=key,
+        )
+    return header, data
+
+
+class Repository:
+    """Layout and identity of one repository on one storage backend."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @classmethod
+    def open_posix(cls, path: str) -> Repository:
+        return cls(PosixStorage(path))
+
+    def describe(self) -> str:
+        return self.storage.describe()
+
+    # identity -------------------------------------------------------------------------
+    def identity(self) -> RepositoryIdentity | None:
+        """The recorded identity, or None for a repository not used yet."""
+        if self.storage.stat(IDENTITY_KEY) is None:
+            return None
+        try:
+            rec = json.loads(self.storage.get(IDENTITY_KEY))
+            return RepositoryIdentity(
+                int(rec["system_identifier"]), int(rec["pg_major"]), int(rec["wal_segment_size"])
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RepositoryError(
+                f"{IDENTITY_KEY} in {self.describe()} is unreadable ({exc}); restore it from a"
+                " copy or recreate it with `pitr-wal init`",
+            ) from exc
+
+    def ensure_identity(self, wanted: RepositoryIdentity) -> tuple[RepositoryIdentity, bool]:
+        """Record ``wanted`` on first use; otherwise check it. Returns (identity, created)."""
+        current = self.identity()
+        created = False
+        if current is None:
+            rec = asdict(wanted)
+            rec.update(
+                format=REPOSITORY_FORMAT,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+            try:
+                self.storage.put(IDENTITY_KEY, json.dumps(rec, indent=2).encode() + b"\n")
+                created = True
+            except ObjectExistsError:
+                pass  # another process initialised it first: check against theirs
+            current = self.identity()
+            assert current is not None
+        self.check_identity(wanted, current)
+        return current, created
+
+    def check_identity(
+        self, wanted: RepositoryIdentity, current: RepositoryIdentity | None = None
+    ) -> None:
+        current = current or self.identity()
+        if current is None:
+            return
+        problems = []
+        if wanted.system_identifier != current.system_identifier:
+            problems.append(
+                f"system identifier {wanted.system_identifier} is not the repository's"
+                f" {current.system_identifier}"
+            )
+        if wanted.pg_major and wanted.pg_major != current.pg_major:
+            problems.append(
+                f"PostgreSQL {wanted.pg_major} is not the repository's {current.pg_major}"
+            )
+        if wanted.wal_segment_size and wanted.wal_segment_size != current.wal_segment_size:
+            problems.append(
+                f"WAL segment size {wanted.wal_segment_size} is not the repository's"
+                f" {current.wal_segment_size}"
+            )
+        if problems:
+            raise IdentityMismatchError(
+                f"this repository ({self.describe()}) belongs to another cluster: "
+                + "; ".join(problems)
+                + ". Two clusters must never share an archive: give this cluster its own"
+                " repository (after a major upgrade or a new initdb, a new repository).",
+                repository=self.describe(),
+                repository_identity=asdict(current),
+                cluster_identity=asdict(wanted),
+            )
+
+    # WAL --------------------------------------------------------------------------------
+    def wal_stat(self, name: str) -> ObjectInfo | None:
+        return self.storage.stat(wal_key(name))
+
+    def wal_header(self, name: str) -> WalObjectHeader | None:
+        """The header of an archived file, or None when it is not archived."""
+        key = wal_key(name)
+        if self.storage.stat(key) is None:
+            return None
+        header, _ = decode_wal_header(self.storage.get(key), key)
+        return header
+
+    def put_wal(self, name: str, data: bytes, codec: str, level: int | None = None) -> int:
+        """Store an archived file; ObjectExistsError if that name is already stored."""
+        blob = encode_wal_object(name, data, codec, level)
+        self.storage.put(wal_key(name), blob)
+        return len(blob)
+
+    def get_wal(self, name: str) -> tuple[WalObjectHeader, bytes]:
+        """Read, decompress and verify an archived file."""
+        key = wal_key(name)
+        return decode_wal_object(self.storage.get(key), key)
+
+    def delete_wal(self, name: str) -> None:
+        self.storage.delete(wal_key(name))
+
+    def list_wal(self) -> list[tuple[WalFileName, ObjectInfo]]:
+        """Every archived WAL file, in replay order."""
+        found = []
+        for info in self.storage.list(WAL_PREFIX):
+            name = info.key.rsplit("/", 1)[-1]
+            try:
+                found.append((sort_key(name), WalFileName.parse(name), info))
+            except WalNameError:
+                continue
+        found.sort(key=lambda x: x[0])
+        return [(w, info) for _, w, info in found]
+
+    def wal_summary(self) -> dict[str, t.Any]:
+        """Counts and bounds per timeline, for reports."""
+        timelines: dict[str, dict[str, t.Any]] = {}
+        total_files = 0
+        total_bytes = 0
+        history = []
+        for w, info in self.list_wal():
+            total_files += 1
+            total_bytes += info.size
+            if w.kind == HISTORY:
+                history.append(w.name)
+                continue
+            tl = timelines.setdefault(
+                f"{w.timeline:08X}",
+                {"segments": 0, "partial": 0, "backup_files": 0, "bytes": 0,
+                 "oldest": None, "newest": None},
+            )
+            tl["bytes"] += info.size
+            if w.kind == "segment":
+                tl["segments"] += 1
+                tl["oldest"] = tl["oldest"] or w.name
+                tl["newest"] = w.name
+            elif w.kind == "partial":
+                tl["partial"] += 1
+            else:
+                tl["backup_files"] += 1
+        return {
+            "files": total_files,
+            "bytes": total_bytes,
+            "timelines": timelines,
+            "history_files": history,
+        }
+
+    # backups and dumps: key builders, so nothing else spells the layout -------------------
+    @staticmethod
+    def backup_prefix(label: str) -> str:
+        return f"{BACKUP_PREFIX}/{label}"
+
+    @staticmethod
+    def backup_record_key(label: str) -> str:
+        return f"{BACKUP_PREFIX}/{label}/backup.json"
+
+    @staticmethod
+    def dump_prefix(label: str) -> str:
+        return f"{DUMP_PREFIX}/{label}"

@@ -1,0 +1,185 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""WAL file names and WAL page headers.
+
+PostgreSQL names archived files in four shapes (``src/include/access/xlog_internal.h``):
+
+- segment:  ``TTTTTTTTXXXXXXXXYYYYYYYY`` (timeline, log, seg; 24 upper-case hex digits)
+- partial:  the segment name plus ``.partial`` (the last, incomplete segment of a timeline
+  that was promoted away from)
+- backup:   the segment name plus ``.XXXXXXXX.backup`` (backup history file)
+- history:  ``TTTTTTTT.history`` (timeline history file)
+
+Standard library only: the host command imports this file once per archived segment.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import typing as t
+from dataclasses import dataclass
+
+SEGMENT = "segment"
+PARTIAL = "partial"
+BACKUP = "backup"
+HISTORY = "history"
+
+_SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
+_PARTIAL_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})\.partial$")
+_BACKUP_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})\.([0-9A-F]{8})\.backup$")
+_HISTORY_RE = re.compile(r"^([0-9A-F]{8})\.history$")
+
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+
+# XLOG_PAGE_MAGIC per major version: the WAL format changes with each major release.
+XLOG_PAGE_MAGIC_BY_MAJOR = {
+    13: 0xD106,
+    14: 0xD10D,
+    15: 0xD110,
+    16: 0xD113,
+    17: 0xD116,
+    18: 0xD118,
+}
+MAJOR_BY_XLOG_PAGE_MAGIC = {magic: major for major, magic in XLOG_PAGE_MAGIC_BY_MAJOR.items()}
+
+XLP_LONG_HEADER = 0x0002
+# XLogLongPageHeaderData: magic u16, info u16, tli u32, pageaddr u64, rem_len u32, pad 4,
+# sysid u64, seg_size u32, xlog_blcksz u32 (40 bytes, little-endian on the platforms we run).
+_LONG_HEADER = struct.Struct("<HHIQI4xQII")
+LONG_HEADER_SIZE = _LONG_HEADER.size
+
+
+class WalNameError(ValueError):
+    """The string is not a WAL file name PostgreSQL would archive."""
+
+
+@dataclass(frozen=True, order=True)
+class WalFileName:
+    """A parsed archived-file name. Orders by timeline, then position, then kind."""
+
+    timeline: int
+    log: int
+    seg: int
+    kind: str
+    name: str
+    backup_offset: int = 0
+
+    @classmethod
+    def parse(cls, name: str) -> WalFileName:
+        """Parse ``name`` (a bare file name, no directory) or raise WalNameError."""
+        m = _SEGMENT_RE.match(name)
+        if m:
+            return cls(int(m[1], 16), int(m[2], 16), int(m[3], 16), SEGMENT, name)
+        m = _PARTIAL_RE.match(name)
+        if m:
+            return cls(int(m[1], 16), int(m[2], 16), int(m[3], 16), PARTIAL, name)
+        m = _BACKUP_RE.match(name)
+        if m:
+            return cls(
+                int(m[1], 16), int(m[2], 16), int(m[3], 16), BACKUP, name, int(m[4], 16)
+            )
+        m = _HISTORY_RE.match(name)
+        if m:
+            return cls(int(m[1], 16), 0, 0, HISTORY, name)
+        raise WalNameError(
+            f"{name!r} is not a WAL file name: expected 24 hex digits (a segment), optionally "
+            "followed by .partial or .XXXXXXXX.backup, or TTTTTTTT.history"
+        )
+
+    @property
+    def segment_name(self) -> str:
+        """The 24-character segment name this file belongs to (history files: empty)."""
+        if self.kind == HISTORY:
+            return ""
+        return self.name[:24]
+
+    def segment_number(self, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+        """Position of the segment in the WAL stream (independent of timeline)."""
+        return self.log * segments_per_log(segment_size) + self.seg
+
+    def start_lsn(self, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+        """The LSN at which this segment begins."""
+        return self.segment_number(segment_size) * segment_size
+
+
+def segments_per_log(segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    """How many segments share one 'log' id (the middle 8 hex digits)."""
+    return 0x100000000 // segment_size
+
+
+def segment_name(timeline: int, segno: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    """Build a segment file name from a timeline and a segment number."""
+    per = segments_per_log(segment_size)
+    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
+
+
+def segment_for_lsn(
+    timeline: int, lsn: int, segment_size: int = DEFAULT_SEGMENT_SIZE
+) -> str:
+    """The segment file that holds ``lsn`` on ``timeline``."""
+    return segment_name(timeline, lsn // segment_size, segment_size)
+
+
+def parse_lsn(text: str) -> int:
+    """Parse PostgreSQL's ``X/Y`` LSN notation."""
+    hi, sep, lo = text.strip().partition("/")
+    if not sep:
+        raise ValueError(f"{text!r} is not an LSN: expected the form 0/16B3740")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def format_lsn(lsn: int) -> str:
+    """Format an LSN as PostgreSQL prints it."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def history_name(timeline: int) -> str:
+    """The name of a timeline's history file."""
+    return f"{timeline:08X}.history"
+
+
+@dataclass(frozen=True)
+class WalPageHeader:
+    """The long page header at the start of every WAL segment."""
+
+    magic: int
+    info: int
+    timeline: int
+    pageaddr: int
+    system_identifier: int
+    segment_size: int
+    block_size: int
+
+    @property
+    def pg_major(self) -> int | None:
+        """The PostgreSQL major version that writes this WAL format, if known."""
+        return MAJOR_BY_XLOG_PAGE_MAGIC.get(self.magic)
+
+
+def parse_long_page_header(data: bytes) -> WalPageHeader:
+    """Parse the first page header of a WAL segment; raise ValueError if it is not one."""
+    if len(data) < LONG_HEADER_SIZE:
+        raise ValueError(
+            f"a WAL segment starts with a {LONG_HEADER_SIZE}-byte page header; got {len(data)} bytes"
+        )
+    magic, info, tli, pageaddr, _rem, sysid, seg_size, blcksz = _LONG_HEADER.unpack_from(data)
+    if not info & XLP_LONG_HEADER:
+        raise ValueError("the first WAL page lacks the long-header flag: not a WAL segment start")
+    if magic & 0xFF00 != 0xD100:
+        raise ValueError(f"WAL page magic {magic:#06x} is not PostgreSQL WAL")
+    return WalPageHeader(magic, info, tli, pageaddr, sysid, seg_size, blcksz)
+
+
+def read_system_identifier_from_control(pg_control: bytes) -> int:
+    """The system identifier: the first 8 bytes of ``global/pg_control``."""
+    if len(pg_control) < 8:
+        raise ValueError("global/pg_control is shorter than 8 bytes")
+    return int(struct.unpack_from("<Q", pg_control)[0])
+
+
+def sort_key(name: str) -> t.Tuple[int, int, int, int, str]:
+    """A key that orders archived file names the way WAL is replayed."""
+    w = WalFileName.parse(name)
+    order = {HISTORY: 0, SEGMENT: 1, BACKUP: 2, PARTIAL: 3}[w.kind]
+    return (w.timeline, w.log, w.seg, order, name)
