@@ -140,7 +140,7 @@ def push(
         return _compare_existing(repo, name, data, digest, existing.sha256, existing.size)
     resolved = compression.resolve(codec)
     try:
-        stored = repo.put_wal(name, data, resolved, level)
+        stored = repo.put_wal(name, data, resolved, level, digest)
     except ObjectExistsError:
         # Another archiver stored the same name between our check and our link.
         existing = repo.wal_header(name)

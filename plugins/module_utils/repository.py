@@ -89,14 +89,19 @@ def wal_key(name: str) -> str:
     return f"{WAL_PREFIX}/{name[:16]}/{name}"
 
 
-def encode_wal_object(name: str, data: bytes, codec: str, level: int | None = None) -> bytes:
-    """Build the stored object for ``data`` (original bytes) with ``codec`` (resolved)."""
+def encode_wal_object(
+    name: str, data: bytes, codec: str, level: int | None = None, sha256: str | None = None
+) -> bytes:
+    """Build the stored object for ``data`` (original bytes) with ``codec`` (resolved).
+
+    ``sha256`` may be passed when the caller already hashed ``data`` (one pass per push).
+    """
     payload = compression.compress(data, codec, level)
     header = {
         "v": 1,
         "name": name,
         "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": sha256 or hashlib.sha256(data).hexdigest(),
         "codec": codec,
         "stored_size": len(payload),
     }
@@ -246,9 +251,16 @@ class Repository:
         header, _ = decode_wal_header(self.storage.get(key), key)
         return header
 
-    def put_wal(self, name: str, data: bytes, codec: str, level: int | None = None) -> int:
+    def put_wal(
+        self,
+        name: str,
+        data: bytes,
+        codec: str,
+        level: int | None = None,
+        sha256: str | None = None,
+    ) -> int:
         """Store an archived file; ObjectExistsError if that name is already stored."""
-        blob = encode_wal_object(name, data, codec, level)
+        blob = encode_wal_object(name, data, codec, level, sha256)
         self.storage.put(wal_key(name), blob)
         return len(blob)
 
