@@ -68,18 +68,19 @@ class WalFileName:
     @classmethod
     def parse(cls, name: str) -> WalFileName:
         """Parse ``name`` (a bare file name, no directory) or raise WalNameError."""
-        m = _SEGMENT_RE.match(name)
+        # fullmatch: "$" alone would accept a trailing newline ("...0001\n").
+        m = _SEGMENT_RE.fullmatch(name)
         if m:
             return cls(int(m[1], 16), int(m[2], 16), int(m[3], 16), SEGMENT, name)
-        m = _PARTIAL_RE.match(name)
+        m = _PARTIAL_RE.fullmatch(name)
         if m:
             return cls(int(m[1], 16), int(m[2], 16), int(m[3], 16), PARTIAL, name)
-        m = _BACKUP_RE.match(name)
+        m = _BACKUP_RE.fullmatch(name)
         if m:
             return cls(
                 int(m[1], 16), int(m[2], 16), int(m[3], 16), BACKUP, name, int(m[4], 16)
             )
-        m = _HISTORY_RE.match(name)
+        m = _HISTORY_RE.fullmatch(name)
         if m:
             return cls(int(m[1], 16), 0, 0, HISTORY, name)
         raise WalNameError(
@@ -121,12 +122,15 @@ def segment_for_lsn(
     return segment_name(timeline, lsn // segment_size, segment_size)
 
 
+_LSN_RE = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+
+
 def parse_lsn(text: str) -> int:
-    """Parse PostgreSQL's ``X/Y`` LSN notation."""
-    hi, sep, lo = text.strip().partition("/")
-    if not sep:
+    """Parse PostgreSQL's ``X/Y`` LSN notation (each half 1-8 hex digits, as pg_lsn does)."""
+    m = _LSN_RE.fullmatch(text.strip())
+    if not m:
         raise ValueError(f"{text!r} is not an LSN: expected the form 0/16B3740")
-    return (int(hi, 16) << 32) | int(lo, 16)
+    return (int(m[1], 16) << 32) | int(m[2], 16)
 
 
 def format_lsn(lsn: int) -> str:
