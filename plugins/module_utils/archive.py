@@ -25,6 +25,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
     RepositoryError,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (
+    IDENTITY_KEY,
     Repository,
     RepositoryIdentity,
 )
@@ -180,6 +181,16 @@ def fetch(repo: Repository, name: str, dest_path: str) -> FetchResult:
     try:
         header, data = repo.get_wal(name)
     except ObjectNotFoundError:
+        if repo.identity() is None:
+            # An empty directory where the repository should be (an unmounted mount point,
+            # a wrong path): "not archived" would end recovery early and promote.
+            raise RepositoryError(
+                f"repository {repo.describe()} has no identity file ({IDENTITY_KEY}): it is"
+                " not mounted, the path is wrong, or it was never initialised; refusing to"
+                f" report {name} as not archived",
+                wal=name,
+                repository=repo.describe(),
+            ) from None
         raise WalNotArchivedError(f"{name} is not in the archive", wal=name) from None
     if header.name != name:
         raise IntegrityError(
