@@ -113,7 +113,7 @@ lint: bootstrap
 	echo "== mypy"; \
 	( cd $(COLLECTIONS_DIR) && $(BIN)/mypy --config-file $(ROOT)/pyproject.toml \
 		$(addprefix ansible_collections/pitr/postgresql/,$(MYPY_DIRS)) ) || status=1; \
-	echo "== ansible-lint"; $(BIN)/ansible-lint || status=1; \
+	echo "== ansible-lint"; $(BIN)/ansible-lint $$([ -t 1 ] || echo --nocolor) || status=1; \
 	exit $$status
 
 # ansible-test wants the collection under ansible_collections/<namespace>/<name>/, and it lists
