@@ -99,7 +99,9 @@ class MemoryStorage:
         try:
             return self.objects[key]
         except KeyError:
-            raise ObjectNotFoundError(f"{key!r} is not in repository {self.name}", key=key) from None
+            raise ObjectNotFoundError(
+                f"{key!r} is not in repository {self.name}", key=key
+            ) from None
 
     def stat(self, key: str) -> ObjectInfo | None:
         _check_key(key)

@@ -89,9 +89,7 @@ SEG1M_0A_PAGE = _unpack(
     "X+P9I1Vfq9Msnj9/p+k6b2b9xA/rnS6eP9+Hr+f9xC/L93z9f/5vPu1DPg=="
 )
 
-PG_CONTROL_HEAD = _unpack(
-    "eNpbnFb+2OstW7YIKwODajkvDyMDBIQDxUC0BgMDCzLNBMUwdQBrwAbt"
-)
+PG_CONTROL_HEAD = _unpack("eNpbnFb+2OstW7YIKwODajkvDyMDBIQDxUC0BgMDCzLNBMUwdQBrwAbt")
 
 # PostgreSQL copies the last segment of the old timeline into the first segment of the new one
 # at promotion: the first 8 KiB of 000000020000000000000003 (recorded from the promoted standby's
@@ -106,49 +104,84 @@ PG15_MAGIC = 0xD110
 HEADERS = {
     "000000010000000000000001": (
         TL1_SEG1_PAGE,
-        dict(magic=0xD110, info=0x0002, timeline=1, pageaddr=0x01000000,
-             system_identifier=SYSID_A, segment_size=16 * 1024 * 1024, block_size=8192),
+        dict(
+            magic=0xD110,
+            info=0x0002,
+            timeline=1,
+            pageaddr=0x01000000,
+            system_identifier=SYSID_A,
+            segment_size=16 * 1024 * 1024,
+            block_size=8192,
+        ),
     ),
     "000000010000000000000002": (
         TL1_SEG2_PAGE,
-        dict(magic=0xD110, info=0x0002, timeline=1, pageaddr=0x02000000,
-             system_identifier=SYSID_A, segment_size=16 * 1024 * 1024, block_size=8192),
+        dict(
+            magic=0xD110,
+            info=0x0002,
+            timeline=1,
+            pageaddr=0x02000000,
+            system_identifier=SYSID_A,
+            segment_size=16 * 1024 * 1024,
+            block_size=8192,
+        ),
     ),
     "000000010000000000000003.partial": (
         TL1_SEG3_PARTIAL_PAGE,
-        dict(magic=0xD110, info=0x0006, timeline=1, pageaddr=0x03000000,
-             system_identifier=SYSID_A, segment_size=16 * 1024 * 1024, block_size=8192),
+        dict(
+            magic=0xD110,
+            info=0x0006,
+            timeline=1,
+            pageaddr=0x03000000,
+            system_identifier=SYSID_A,
+            segment_size=16 * 1024 * 1024,
+            block_size=8192,
+        ),
     ),
     "000000020000000000000003": (
         TL2_SEG3_PAGE,
-        dict(magic=0xD110, info=0x0006, timeline=1, pageaddr=0x03000000,
-             system_identifier=SYSID_A, segment_size=16 * 1024 * 1024, block_size=8192),
+        dict(
+            magic=0xD110,
+            info=0x0006,
+            timeline=1,
+            pageaddr=0x03000000,
+            system_identifier=SYSID_A,
+            segment_size=16 * 1024 * 1024,
+            block_size=8192,
+        ),
     ),
     "00000001000000000000000A": (
         SEG1M_0A_PAGE,
-        dict(magic=0xD110, info=0x0007, timeline=1, pageaddr=0x00A00000,
-             system_identifier=SYSID_B, segment_size=1024 * 1024, block_size=8192),
+        dict(
+            magic=0xD110,
+            info=0x0007,
+            timeline=1,
+            pageaddr=0x00A00000,
+            system_identifier=SYSID_B,
+            segment_size=1024 * 1024,
+            block_size=8192,
+        ),
     ),
 }
 
 # The backup history file pg_basebackup left in the archive (all 338 bytes).
 BACKUP_NAME = "000000010000000000000002.00000028.backup"
 BACKUP_FILE = (
-    b'START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n'
-    b'STOP WAL LOCATION: 0/2000100 (file 000000010000000000000002)\n'
-    b'CHECKPOINT LOCATION: 0/2000060\n'
-    b'BACKUP METHOD: streamed\n'
-    b'BACKUP FROM: primary\n'
-    b'START TIME: 2026-11-25 14:14:36 UTC\n'
-    b'LABEL: pg_basebackup base backup\n'
-    b'START TIMELINE: 1\n'
-    b'STOP TIME: 2026-11-25 14:14:37 UTC\n'
-    b'STOP TIMELINE: 1\n'
+    b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+    b"STOP WAL LOCATION: 0/2000100 (file 000000010000000000000002)\n"
+    b"CHECKPOINT LOCATION: 0/2000060\n"
+    b"BACKUP METHOD: streamed\n"
+    b"BACKUP FROM: primary\n"
+    b"START TIME: 2026-11-25 14:14:36 UTC\n"
+    b"LABEL: pg_basebackup base backup\n"
+    b"START TIMELINE: 1\n"
+    b"STOP TIME: 2026-11-25 14:14:37 UTC\n"
+    b"STOP TIMELINE: 1\n"
 )
 
 # The promoted standby's timeline history file (all 41 bytes, tab-separated).
 HISTORY_NAME = "00000002.history"
-HISTORY_FILE = b'1\t0/3006098\tno recovery target specified\n'
+HISTORY_FILE = b"1\t0/3006098\tno recovery target specified\n"
 
 
 def full_segment(page: bytes, segment_size: int = 16 * 1024 * 1024) -> bytes:

@@ -32,9 +32,11 @@ def _resolves_here() -> bool:
 
 
 def _forget_collection_modules() -> None:
-    for name in [n for n in sys.modules if n == "ansible_collections" or n.startswith(
-        "ansible_collections.pitr"
-    )]:
+    for name in [
+        n
+        for n in sys.modules
+        if n == "ansible_collections" or n.startswith("ansible_collections.pitr")
+    ]:
         del sys.modules[name]
     importlib.invalidate_caches()
 

@@ -515,8 +515,12 @@ def test_cluster_identity_from_a_data_directory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("control", "version"),
-    [(None, "15\n"), (wal_samples.PG_CONTROL_HEAD, None), (b"short", "15\n"),
-     (wal_samples.PG_CONTROL_HEAD, "fifteen\n")],
+    [
+        (None, "15\n"),
+        (wal_samples.PG_CONTROL_HEAD, None),
+        (b"short", "15\n"),
+        (wal_samples.PG_CONTROL_HEAD, "fifteen\n"),
+    ],
 )
 def test_cluster_identity_of_something_else_is_none(
     tmp_path: Path, control: bytes | None, version: str | None

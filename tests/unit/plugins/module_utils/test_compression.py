@@ -67,13 +67,18 @@ def test_none_stores_bytes_as_they_are() -> None:
     assert compression.compress(data, "none") == data
 
 
-@pytest.mark.parametrize(("codec", "levels"), [("zstd", (1, 3, 19)), ("gzip", (1, 6, 9)), ("lz4", (1, 9))])
+@pytest.mark.parametrize(
+    ("codec", "levels"), [("zstd", (1, 3, 19)), ("gzip", (1, 6, 9)), ("lz4", (1, 9))]
+)
 def test_levels_round_trip(codec: str, levels: tuple[int, ...]) -> None:
     if codec not in AVAILABLE:
         pytest.skip(f"{codec} not on this host")
     data = SAMPLES["real WAL page"] * 8
     for level in levels:
-        assert compression.decompress(compression.compress(data, codec, level), codec, len(data)) == data
+        assert (
+            compression.decompress(compression.compress(data, codec, level), codec, len(data))
+            == data
+        )
 
 
 def test_gzip_output_is_deterministic_and_standard() -> None:
@@ -163,7 +168,9 @@ def _without_library(monkeypatch: pytest.MonkeyPatch, which: t.Sequence[str]) ->
     monkeypatch.setattr(compression, "_import_optional", fake)
 
 
-@pytest.mark.parametrize(("codec", "package"), [("zstd", "python3-zstandard"), ("lz4", "python3-lz4")])
+@pytest.mark.parametrize(
+    ("codec", "package"), [("zstd", "python3-zstandard"), ("lz4", "python3-lz4")]
+)
 def test_missing_codec_names_the_package_to_install(
     codec: str, package: str, fresh_cache: dict[str, t.Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,7 +62,10 @@ def repo(mem: MemoryStorage) -> Repository:
         ("000000010000000000000001", "wal/0000000100000000/000000010000000000000001"),
         ("0000000100000001000000A0", "wal/0000000100000001/0000000100000001000000A0"),
         ("000000020000000000000003", "wal/0000000200000000/000000020000000000000003"),
-        ("000000010000000000000003.partial", "wal/0000000100000000/000000010000000000000003.partial"),
+        (
+            "000000010000000000000003.partial",
+            "wal/0000000100000000/000000010000000000000003.partial",
+        ),
         (wal_samples.BACKUP_NAME, f"wal/0000000100000000/{wal_samples.BACKUP_NAME}"),
         ("00000002.history", "wal/history/00000002.history"),
     ],
@@ -185,7 +188,10 @@ CORRUPTIONS = {
     "size not a number": (_with_header(PLAIN, size="big"), "unreadable header"),
     "truncated payload": (BLOB[:-10], "truncated or padded"),
     "padded payload": (BLOB + b"\x00", "truncated or padded"),
-    "flipped payload byte (compressed)": (_flip(BLOB, len(BLOB) - 40), r"does not decompress|checksum|decompresses to"),
+    "flipped payload byte (compressed)": (
+        _flip(BLOB, len(BLOB) - 40),
+        r"does not decompress|checksum|decompresses to",
+    ),
     "flipped payload byte (none)": (_flip(PLAIN, len(PLAIN) - 100), "fails its checksum"),
     "recorded sha256 altered": (
         _with_header(PLAIN, sha256=hashlib.sha256(b"other").hexdigest()),
@@ -214,7 +220,7 @@ def test_every_single_byte_flip_in_a_small_envelope_is_caught() -> None:
     for offset in range(len(blob)):
         damaged = _flip(blob, offset)
         try:
-            header, data = decode_wal_object(damaged, "k")
+            _, data = decode_wal_object(damaged, "k")
         except IntegrityError:
             continue
         # A flip inside the JSON may keep it valid only where it changes nothing verified
@@ -267,7 +273,9 @@ def test_delete_wal(repo: Repository) -> None:
     assert repo.wal_header(SEG) is None
 
 
-def test_list_wal_in_replay_order_and_ignores_strangers(repo: Repository, mem: MemoryStorage) -> None:
+def test_list_wal_in_replay_order_and_ignores_strangers(
+    repo: Repository, mem: MemoryStorage
+) -> None:
     names = [
         "000000020000000000000004",
         "00000002.history",
@@ -308,7 +316,10 @@ def test_wal_summary_counts(repo: Repository) -> None:
     assert summary["bytes"] == sum(i.size for _, i in repo.list_wal())
     tl1 = summary["timelines"]["00000001"]
     assert (tl1["segments"], tl1["partial"], tl1["backup_files"]) == (2, 1, 1)
-    assert (tl1["oldest"], tl1["newest"]) == ("000000010000000000000001", "000000010000000000000002")
+    assert (tl1["oldest"], tl1["newest"]) == (
+        "000000010000000000000001",
+        "000000010000000000000002",
+    )
     tl2 = summary["timelines"]["00000002"]
     assert (tl2["segments"], tl2["oldest"], tl2["newest"]) == (
         1,
@@ -351,9 +362,13 @@ def test_ensure_identity_records_then_checks(repo: Repository, mem: MemoryStorag
     [
         (
             RepositoryIdentity(wal_samples.SYSID_B, 15, 16 * MiB),
-            f"system identifier {wal_samples.SYSID_B} is not the repository's {wal_samples.SYSID_A}",
+            f"system identifier {wal_samples.SYSID_B} is not the repository's"
+            f" {wal_samples.SYSID_A}",
         ),
-        (RepositoryIdentity(wal_samples.SYSID_A, 16, 16 * MiB), "PostgreSQL 16 is not the repository's 15"),
+        (
+            RepositoryIdentity(wal_samples.SYSID_A, 16, 16 * MiB),
+            "PostgreSQL 16 is not the repository's 15",
+        ),
         (
             RepositoryIdentity(wal_samples.SYSID_A, 15, MiB),
             f"WAL segment size {MiB} is not the repository's {16 * MiB}",

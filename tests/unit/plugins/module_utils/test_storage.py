@@ -165,9 +165,8 @@ def test_delete_removes_and_absent_is_fine(store: t.Any) -> None:
 
 def test_lock_is_exclusive_and_names_the_holder(store: t.Any) -> None:
     with store.lock("backup", purpose="base backup nightly-1"):
-        with pytest.raises(LockHeldError) as exc:
-            with store.lock("backup", purpose="expire"):
-                pytest.fail("a second holder got the lock")
+        with pytest.raises(LockHeldError) as exc, store.lock("backup", purpose="expire"):
+            pytest.fail("a second holder got the lock")
         message = exc.value.msg
         assert "base backup nightly-1" in message
         assert f"pid {os.getpid()}" in message
@@ -369,25 +368,30 @@ def test_other_link_errors_are_storage_errors(
     assert files_under(posix.root) == []
 
 
+def _race(posix: PosixStorage, key: str, writers: int) -> list[str]:
+    outcomes: list[str] = []
+    barrier = threading.Barrier(writers)
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        try:
+            posix.put(key, f"writer {i}".encode() * 10000)
+            outcomes.append(f"won {i}")
+        except ObjectExistsError:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    return outcomes
+
+
 def test_concurrent_puts_of_one_key_exactly_one_wins(posix: PosixStorage) -> None:
     for round_ in range(10):
         key = f"race/{round_}"
-        outcomes: list[str] = []
-        barrier = threading.Barrier(4)
-
-        def writer(i: int, key: str = key) -> None:
-            barrier.wait()
-            try:
-                posix.put(key, f"writer {i}".encode() * 10000)
-                outcomes.append(f"won {i}")
-            except ObjectExistsError:
-                outcomes.append("exists")
-
-        threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(10)
+        outcomes = _race(posix, key, 4)
         winners = [o for o in outcomes if o.startswith("won")]
         assert len(winners) == 1 and outcomes.count("exists") == 3, outcomes
         assert posix.get(key) == f"writer {winners[0][4:]}".encode() * 10000
@@ -408,9 +412,8 @@ def test_lock_held_by_another_process_names_it(posix: PosixStorage) -> None:
     proc.start()
     try:
         assert started.wait(10)
-        with pytest.raises(LockHeldError) as exc:
-            with posix.lock("backup", purpose="expire", wait=0.2):
-                pytest.fail("got a lock another process holds")
+        with pytest.raises(LockHeldError) as exc, posix.lock("backup", purpose="expire", wait=0.2):
+            pytest.fail("got a lock another process holds")
         assert "base backup from another process" in exc.value.msg
         assert f"pid {proc.pid}" in exc.value.msg
     finally:

@@ -29,12 +29,24 @@ VALID_NAMES = {
     "0000000100000000000000FF": (1, 0, 255, SEGMENT, 0, "0000000100000000000000FF"),
     "000000010000000100000000": (1, 1, 0, SEGMENT, 0, "000000010000000100000000"),
     "0000000A000000FF000000FE": (10, 255, 254, SEGMENT, 0, "0000000A000000FF000000FE"),
-    "FFFFFFFFFFFFFFFFFFFFFFFF": (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, SEGMENT, 0,
-                                 "FFFFFFFFFFFFFFFFFFFFFFFF"),
+    "FFFFFFFFFFFFFFFFFFFFFFFF": (
+        0xFFFFFFFF,
+        0xFFFFFFFF,
+        0xFFFFFFFF,
+        SEGMENT,
+        0,
+        "FFFFFFFFFFFFFFFFFFFFFFFF",
+    ),
     "000000010000000000000003.partial": (1, 0, 3, PARTIAL, 0, "000000010000000000000003"),
     wal_samples.BACKUP_NAME: (1, 0, 2, BACKUP, 0x28, "000000010000000000000002"),
-    "0000000200000001000000C3.00F1A2B0.backup": (2, 1, 0xC3, BACKUP, 0xF1A2B0,
-                                                 "0000000200000001000000C3"),
+    "0000000200000001000000C3.00F1A2B0.backup": (
+        2,
+        1,
+        0xC3,
+        BACKUP,
+        0xF1A2B0,
+        "0000000200000001000000C3",
+    ),
     wal_samples.HISTORY_NAME: (2, 0, 0, HISTORY, 0, ""),
     "0000002A.history": (42, 0, 0, HISTORY, 0, ""),
 }
@@ -246,7 +258,8 @@ def test_lsn_round_trip_random_values() -> None:
 
 
 @pytest.mark.parametrize(
-    ("timeline", "name"), [(1, "00000001.history"), (2, "00000002.history"), (0x2A, "0000002A.history")]
+    ("timeline", "name"),
+    [(1, "00000001.history"), (2, "00000002.history"), (0x2A, "0000002A.history")],
 )
 def test_history_name(timeline: int, name: str) -> None:
     assert walfile.history_name(timeline) == name

@@ -1,0 +1,617 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The pitr-wal host command: argument parsing, exit codes, time bounds, command quoting."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import typing as t
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.pitr.postgresql.plugins.module_utils import hostcmd
+from ansible_collections.pitr.postgresql.plugins.module_utils.hostcmd import (
+    FETCH_FATAL,
+    FETCH_NOT_FOUND,
+    PUSH_FAILED,
+    USAGE_FAILED,
+    UsageError,
+    parse_args,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.repository import wal_key
+from ansible_collections.pitr.postgresql.plugins.module_utils.version import VERSION
+from tests.support import wal_samples
+from tests.support.hostcmd_install import install_host_command
+
+MiB = 1024 * 1024
+SEG2 = "000000010000000000000002"
+SEG2_DATA = wal_samples.full_segment(wal_samples.TL1_SEG2_PAGE)
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_args
+
+PARSED = [
+    (
+        ["--repo", "/srv/pitr", "push", "pg_wal/000000010000000000000001"],
+        dict(
+            repo="/srv/pitr",
+            action="push",
+            args=["pg_wal/000000010000000000000001"],
+            compress="auto",
+            level=None,
+            timeout=60.0,
+            retries=3,
+            retry_delay=1.0,
+        ),
+    ),
+    (
+        ["--repo=/srv/pitr", "fetch", "00000002.history", "pg_wal/RECOVERYHISTORY"],
+        dict(repo="/srv/pitr", action="fetch", args=["00000002.history", "pg_wal/RECOVERYHISTORY"]),
+    ),
+    (
+        ["push", "pg_wal/x", "--repo", "/r", "--compress", "lz4", "--level", "9"],
+        dict(repo="/r", action="push", args=["pg_wal/x"], compress="lz4", level=9),
+    ),
+    (
+        [
+            "--repo",
+            "/r",
+            "--timeout",
+            "2.5",
+            "--retries",
+            "5",
+            "--retry-delay=0",
+            "fetch",
+            "a",
+            "b",
+        ],
+        dict(timeout=2.5, retries=5, retry_delay=0.0, args=["a", "b"]),
+    ),
+    (
+        ["--repo", "/r", "--timeout", "0", "push", "p"],
+        dict(timeout=0.0),
+    ),
+    (
+        ["--repo", "/repo with space/it's 100%", "push", "pg_wal/p"],
+        dict(repo="/repo with space/it's 100%"),
+    ),
+    (
+        ["--repo", "/r", "init", "--pgdata", "/var/lib/postgresql/15/main"],
+        dict(action="init", args=[], pgdata="/var/lib/postgresql/15/main"),
+    ),
+    (
+        [
+            "--repo",
+            "/r",
+            "init",
+            "--system-identifier",
+            "7712112317818168995",
+            "--pg-major",
+            "15",
+            "--segment-size",
+            "1048576",
+        ],
+        dict(system_identifier=7712112317818168995, pg_major=15, segment_size=1048576),
+    ),
+    (["version"], dict(action="version", repo="")),
+    (["--repo", "/r", "push", "/data=x/pg_wal/p"], dict(args=["/data=x/pg_wal/p"])),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), PARSED)
+def test_parse_args(argv: list[str], expected: dict[str, t.Any]) -> None:
+    opts = parse_args(argv)
+    assert {k: getattr(opts, k) for k in expected} == expected
+
+
+BAD_ARGS = [
+    ([], "no action given"),
+    (["--repo", "/r"], "no action given"),
+    (["--repo", "/r", "archive", "x"], "unknown action 'archive'"),
+    (["--repo", "/r", "push"], r"push takes 1 argument\(s\)"),
+    (["--repo", "/r", "push", "a", "b"], r"push takes 1 argument\(s\)"),
+    (["--repo", "/r", "fetch", "a"], r"fetch takes 2 argument\(s\)"),
+    (["--repo", "/r", "fetch", "a", "b", "c"], r"fetch takes 2 argument\(s\)"),
+    (["push", "x"], "--repo is required"),
+    (["--repo", "", "push", "x"], "--repo is required"),
+    (["--repo"], "--repo needs a value"),
+    (["--repo", "/r", "push", "x", "--timeout"], "--timeout needs a value"),
+    (["--repo", "/r", "--timeout", "soon", "push", "x"], "--timeout: 'soon' is not a valid value"),
+    (["--repo", "/r", "--level", "1.5", "push", "x"], "--level: '1.5' is not a valid value"),
+    (["--repo", "/r", "--timeout", "-1", "push", "x"], "must be >= 0"),
+    (["--repo", "/r", "--retries", "0", "fetch", "a", "b"], "--retries >= 1"),
+    (["--repo", "/r", "--retry-delay", "-0.5", "fetch", "a", "b"], "must be >= 0"),
+    (["--repo", "/r", "--verbose", "push", "x"], "unknown option --verbose"),
+    (["--repo", "/r", "--help"], ""),
+    (["-h"], ""),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_ARGS)
+def test_parse_args_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as exc:
+        parse_args(argv)
+    if message:
+        assert re.search(message, str(exc.value)), str(exc.value)
+    else:
+        assert str(exc.value) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# command_for: what PostgreSQL and /bin/sh make of the string
+
+
+def pg15_expand(command: str, path: str, fname: str) -> str:
+    """archive_command/restore_command expansion as PostgreSQL 15 does it (shell_archive.c):
+    %p, %f, %% are replaced; any other % is copied as it is."""
+    out, i = [], 0
+    while i < len(command):
+        c = command[i]
+        nxt = command[i + 1] if i + 1 < len(command) else ""
+        if c == "%" and nxt in ("p", "f", "%"):
+            out.append({"p": path, "f": fname, "%": "%"}[nxt])
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def pg16_expand(command: str, path: str, fname: str) -> str:
+    """PostgreSQL 16+ (percentrepl.c): an unknown %x is an error."""
+    for m in re.finditer(r"%(.?)", command.replace("%%", "")):
+        if m.group(1) not in ("p", "f"):
+            raise ValueError(f"invalid value for parameter: %{m.group(1)}")
+    return pg15_expand(command, path, fname)
+
+
+WEIRD = "dir with space, 'single' \"double\" 100% $HOME `id` \\back;semi|pipe*glob"
+
+ECHO_ARGV = """#!/usr/bin/python3
+import json, sys
+print(json.dumps(sys.argv))
+"""
+
+
+@pytest.fixture
+def weird_program(tmp_path: Path) -> str:
+    d = tmp_path / WEIRD / "bin"
+    d.mkdir(parents=True)
+    program = d / "pitr-wal"
+    program.write_text(ECHO_ARGV)
+    program.chmod(0o755)
+    return str(program)
+
+
+@pytest.mark.parametrize("expand", [pg15_expand, pg16_expand])
+def test_archive_command_survives_postgresql_and_the_shell(
+    weird_program: str, tmp_path: Path, expand: t.Callable[[str, str, str], str]
+) -> None:
+    repo = str(tmp_path / WEIRD / "repo %p %f %%")
+    cmd = hostcmd.archive_command_for(program=weird_program, repo=repo, compress="zstd", timeout=30)
+    expanded = expand(cmd, "pg_wal/000000010000000000000001", "000000010000000000000001")
+    out = subprocess.run(["/bin/sh", "-c", expanded], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [
+        weird_program,
+        "--repo",
+        repo,
+        "--compress",
+        "zstd",
+        "--timeout",
+        "30",
+        "push",
+        "pg_wal/000000010000000000000001",
+    ]
+
+
+@pytest.mark.parametrize("expand", [pg15_expand, pg16_expand])
+def test_restore_command_survives_postgresql_and_the_shell(
+    weird_program: str, tmp_path: Path, expand: t.Callable[[str, str, str], str]
+) -> None:
+    repo = str(tmp_path / WEIRD / "repo")
+    cmd = hostcmd.restore_command_for(
+        program=weird_program, repo=repo, compress="zstd", timeout=2.5
+    )
+    expanded = expand(cmd, "pg_wal/RECOVERYXLOG", "000000010000000000000001")
+    out = subprocess.run(["/bin/sh", "-c", expanded], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [
+        weird_program,
+        "--repo",
+        repo,
+        "--timeout",
+        "2.5",
+        "fetch",
+        "000000010000000000000001",
+        "pg_wal/RECOVERYXLOG",
+    ]
+
+
+def test_command_for_plain_paths_is_readable() -> None:
+    assert hostcmd.archive_command_for(
+        program="/usr/local/lib/pitr/bin/pitr-wal", repo="/srv/pitr"
+    ) == ("/usr/bin/python3 -I -S /usr/local/lib/pitr/bin/pitr-wal --repo /srv/pitr push %p")
+    assert hostcmd.restore_command_for(program="/opt/p/pitr-wal", repo="/srv/pitr", timeout=60) == (
+        "/usr/bin/python3 -I -S /opt/p/pitr-wal --repo /srv/pitr --timeout 60 fetch %f %p"
+    )
+
+
+def test_command_for_uses_the_given_interpreter() -> None:
+    cmd = hostcmd.archive_command_for(
+        program="/p/pitr-wal", repo="/r", python="/opt/py 3/bin/python3"
+    )
+    assert cmd.startswith("'/opt/py 3/bin/python3' -I -S ")
+
+
+@pytest.mark.parametrize(
+    ("python", "program"), [("python3", "/p/pitr-wal"), ("/usr/bin/python3", "bin/pitr-wal")]
+)
+def test_command_for_demands_absolute_paths(python: str, program: str) -> None:
+    # A version-manager shim found through PATH costs ~80 ms per segment (and may vanish).
+    with pytest.raises(ValueError, match="absolute paths"):
+        hostcmd.archive_command_for(program=program, repo="/r", python=python)
+
+
+# ---------------------------------------------------------------------------------------------
+# run_bounded
+
+
+def test_run_bounded_passes_the_exit_code() -> None:
+    assert hostcmd.run_bounded(lambda: 7, 5.0, 99, "x") == 7
+    assert hostcmd.run_bounded(lambda: 0, 5.0, 99, "x") == 0
+
+
+def test_run_bounded_without_timeout_runs_inline() -> None:
+    pid = os.getpid()
+    assert hostcmd.run_bounded(lambda: 0 if os.getpid() == pid else 9, 0, 99, "x") == 0
+
+
+def test_run_bounded_gives_up_on_a_hung_action(capfd: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    code = hostcmd.run_bounded(lambda: time.sleep(30) or 0, 0.5, 42, "push X")
+    elapsed = time.monotonic() - started
+    assert code == 42
+    assert 0.4 < elapsed < 3.0
+    assert "push X FAILED: no answer from the repository within 0.5 s" in capfd.readouterr().err
+    _reap()
+
+
+def test_run_bounded_child_exception_is_the_fail_code(capfd: pytest.CaptureFixture[str]) -> None:
+    def boom() -> int:
+        raise RuntimeError("kaboom")
+
+    assert hostcmd.run_bounded(boom, 5.0, 42, "push X") == 42
+    assert "push X FAILED: unexpected RuntimeError: kaboom" in capfd.readouterr().err
+
+
+def test_run_bounded_child_killed_by_a_signal_is_the_fail_code() -> None:
+    # PostgreSQL must see an exit status, never "died by signal" (that aborts the archiver).
+    def die() -> int:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    assert hostcmd.run_bounded(die, 5.0, 42, "push X") == 42
+
+
+def test_run_bounded_restores_the_alarm_handler() -> None:
+    before = signal.getsignal(signal.SIGALRM)
+    hostcmd.run_bounded(lambda: 0, 5.0, 1, "x")
+    assert signal.getsignal(signal.SIGALRM) is before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def _reap() -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# main(): the exit codes PostgreSQL sees
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A repository, a pg_wal with a real segment, and a data directory for its cluster."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    pgdata = tmp_path / "data"
+    (pgdata / "global").mkdir(parents=True)
+    (pgdata / "global" / "pg_control").write_bytes(wal_samples.PG_CONTROL_HEAD)
+    (pgdata / "PG_VERSION").write_text("15\n")
+    (pgdata / "pg_wal").mkdir()
+    seg = pgdata / "pg_wal" / SEG2
+    seg.write_bytes(SEG2_DATA)
+    return {"repo": str(repo), "pgdata": str(pgdata), "seg": str(seg), "tmp": str(tmp_path)}
+
+
+def run_main(env: dict[str, str], *args: str, timeout: str = "0") -> int:
+    return hostcmd.main(
+        ["--repo", env["repo"], "--timeout", timeout, "--pgdata", env["pgdata"], *args]
+    )
+
+
+def test_push_then_fetch(env: dict[str, str], capfd: pytest.CaptureFixture[str]) -> None:
+    assert run_main(env, "push", env["seg"]) == 0
+    err = capfd.readouterr().err
+    assert re.search(rf"pitr-wal: push {SEG2}: archived, 16.0 MiB stored as \w+ .* in \d+ ms", err)
+    dest = os.path.join(env["tmp"], "RECOVERYXLOG")
+    assert run_main(env, "fetch", SEG2, dest) == 0
+    assert Path(dest).read_bytes() == SEG2_DATA
+    assert f"fetch {SEG2}: restored 16.0 MiB" in capfd.readouterr().err
+
+
+def test_push_through_the_forked_child(env: dict[str, str]) -> None:
+    assert run_main(env, "push", env["seg"], timeout="30") == 0
+    assert os.path.isfile(os.path.join(env["repo"], *wal_key(SEG2).split("/")))
+
+
+def test_push_identical_duplicate_exits_0(
+    env: dict[str, str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert run_main(env, "push", env["seg"]) == 0
+    assert run_main(env, "push", env["seg"]) == 0
+    assert f"push {SEG2}: already archived" in capfd.readouterr().err
+
+
+def _push_failure_cases(env: dict[str, str]) -> dict[str, tuple[list[str], str]]:
+    other = Path(env["tmp"]) / "other"
+    other.mkdir()
+    (other / SEG2).write_bytes(SEG2_DATA[:-1] + b"\x01")
+    (other / "RECOVERYXLOG").write_bytes(SEG2_DATA)
+    foreign = other / "00000001000000000000000A"
+    foreign.write_bytes(wal_samples.full_segment(wal_samples.SEG1M_0A_PAGE, MiB))
+    return {
+        "differing duplicate": (["push", str(other / SEG2)], "different content"),
+        "foreign cluster": (["push", str(foreign)], "belongs to another cluster"),
+        "not a WAL name": (["push", str(other / "RECOVERYXLOG")], "is not a WAL file name"),
+        "missing file": (["push", str(other / "000000010000000000000009")], "cannot read"),
+        "unknown codec": (["--compress", "brotli", "push", env["seg"]], "unknown compression"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["differing duplicate", "foreign cluster", "not a WAL name", "missing file", "unknown codec"],
+)
+def test_push_failures_exit_between_1_and_125(
+    env: dict[str, str], capfd: pytest.CaptureFixture[str], case: str
+) -> None:
+    if case != "unknown codec":  # (that one needs a segment not archived yet)
+        assert run_main(env, "push", env["seg"]) == 0
+    argv, message = _push_failure_cases(env)[case]
+    capfd.readouterr()
+    code = run_main(env, *argv)
+    assert code == PUSH_FAILED
+    assert 1 <= code <= 125
+    err = capfd.readouterr().err
+    assert "FAILED" in err and message in err, err
+
+
+def test_push_to_a_missing_repository_exits_1(env: dict[str, str]) -> None:
+    env = dict(env, repo=os.path.join(env["tmp"], "not-mounted"))
+    assert run_main(env, "push", env["seg"]) == PUSH_FAILED
+    assert not os.path.exists(env["repo"])
+
+
+def test_push_hung_past_timeout_exits_1(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from ansible_collections.pitr.postgresql.plugins.module_utils import archive
+
+    monkeypatch.setattr(archive, "push", lambda *a, **k: time.sleep(30))
+    started = time.monotonic()
+    assert run_main(env, "push", env["seg"], timeout="0.5") == PUSH_FAILED
+    assert time.monotonic() - started < 3
+    assert "no answer from the repository within 0.5 s" in capfd.readouterr().err
+    _reap()
+
+
+def test_fetch_missing_exits_1_and_writes_nothing(env: dict[str, str]) -> None:
+    assert run_main(env, "push", env["seg"]) == 0
+    dest = Path(env["tmp"]) / "out" / "RECOVERYXLOG"
+    dest.parent.mkdir()
+    assert run_main(env, "fetch", "000000010000000000000003", str(dest)) == FETCH_NOT_FOUND
+    assert run_main(env, "fetch", "00000002.history", str(dest)) == FETCH_NOT_FOUND
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_fetch_corrupt_exits_255_after_retries_and_writes_nothing(
+    env: dict[str, str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert run_main(env, "push", env["seg"]) == 0
+    stored = Path(env["repo"], *wal_key(SEG2).split("/"))
+    blob = bytearray(stored.read_bytes())
+    blob[-100] ^= 0xFF
+    stored.write_bytes(bytes(blob))
+    dest = Path(env["tmp"]) / "out" / "RECOVERYXLOG"
+    dest.parent.mkdir()
+    capfd.readouterr()
+    code = run_main(env, "--retries", "3", "--retry-delay", "0", "fetch", SEG2, str(dest))
+    assert code == FETCH_FATAL
+    assert code > 125
+    err = capfd.readouterr().err
+    assert err.count("retrying") == 2
+    assert f"fetch {SEG2} FAILED after 3 attempts" in err
+    assert list(dest.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["missing root", "empty root (unmounted mount point)"])
+def test_fetch_from_an_unreachable_repository_exits_255(env: dict[str, str], where: str) -> None:
+    root = Path(env["tmp"]) / "mnt"
+    if where.startswith("empty"):
+        root.mkdir()
+    env = dict(env, repo=str(root))
+    dest = Path(env["tmp"]) / "out" / "RECOVERYXLOG"
+    dest.parent.mkdir()
+    assert run_main(env, "--retry-delay", "0", "fetch", SEG2, str(dest)) == FETCH_FATAL
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_fetch_hung_past_timeout_exits_255(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ansible_collections.pitr.postgresql.plugins.module_utils import archive
+
+    monkeypatch.setattr(archive, "fetch", lambda *a, **k: time.sleep(30))
+    started = time.monotonic()
+    code = run_main(
+        env, "--retries", "1", "--retry-delay", "0", "fetch", SEG2, "/nonexistent", timeout="0.5"
+    )
+    assert code == FETCH_FATAL
+    assert time.monotonic() - started < 3
+    _reap()
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["push"], USAGE_FAILED),
+        (["--repo", "/r", "push", "a", "b"], USAGE_FAILED),
+        (["--repo", "/r", "--bogus", "push", "a"], USAGE_FAILED),
+        (["--repo", "/r", "fetch", "a"], FETCH_FATAL),  # a broken restore_command is not "absent"
+        (["fetch", "a", "b"], FETCH_FATAL),
+        (["--repo", "/r", "--timeout", "x", "fetch", "a", "b"], FETCH_FATAL),
+    ],
+)
+def test_usage_errors(argv: list[str], code: int, capfd: pytest.CaptureFixture[str]) -> None:
+    assert hostcmd.main(argv) == code
+    assert "usage: pitr-wal --repo PATH" in capfd.readouterr().err
+
+
+def test_version(capfd: pytest.CaptureFixture[str]) -> None:
+    assert hostcmd.main(["version"]) == 0
+    assert capfd.readouterr().out.strip() == VERSION
+
+
+def test_init_from_a_data_directory(env: dict[str, str], capfd: pytest.CaptureFixture[str]) -> None:
+    assert hostcmd.main(["--repo", env["repo"], "init", "--pgdata", env["pgdata"]]) == 0
+    assert (
+        f"initialised system identifier {wal_samples.SYSID_A}, PostgreSQL 15"
+        in capfd.readouterr().err
+    )
+    assert hostcmd.main(["--repo", env["repo"], "init", "--pgdata", env["pgdata"]]) == 0
+    assert "already belongs to" in capfd.readouterr().err
+    ident = json.loads(Path(env["repo"], "pitr-repository.json").read_text())
+    assert (ident["system_identifier"], ident["pg_major"], ident["wal_segment_size"]) == (
+        wal_samples.SYSID_A,
+        15,
+        16 * MiB,
+    )
+
+
+def test_init_of_another_cluster_fails(
+    env: dict[str, str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert hostcmd.main(["--repo", env["repo"], "init", "--pgdata", env["pgdata"]]) == 0
+    code = hostcmd.main(
+        [
+            "--repo",
+            env["repo"],
+            "init",
+            "--system-identifier",
+            str(wal_samples.SYSID_B),
+            "--pg-major",
+            "15",
+        ]
+    )
+    assert code == PUSH_FAILED
+    assert "belongs to another cluster" in capfd.readouterr().err
+
+
+def test_init_needs_an_identity(env: dict[str, str]) -> None:
+    assert hostcmd.main(["--repo", env["repo"], "init"]) == USAGE_FAILED
+    assert hostcmd.main(["--repo", env["repo"], "init", "--pgdata", env["tmp"]]) == PUSH_FAILED
+    assert not Path(env["repo"], "pitr-repository.json").exists()
+
+
+def test_push_of_a_history_file_takes_identity_from_cwd(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # archive_command runs in the data directory: without --pgdata, cwd says who pushes.
+    assert hostcmd.main(["--repo", env["repo"], "init", "--pgdata", env["pgdata"]]) == 0
+    hist = Path(env["pgdata"], "pg_wal", wal_samples.HISTORY_NAME)
+    hist.write_bytes(wal_samples.HISTORY_FILE)
+    monkeypatch.chdir(env["pgdata"])
+    assert (
+        hostcmd.main(["--repo", env["repo"], "--timeout", "0", "push", f"pg_wal/{hist.name}"]) == 0
+    )
+    (Path(env["pgdata"]) / "global" / "pg_control").write_bytes(
+        wal_samples.SYSID_B.to_bytes(8, "little") + bytes(8)
+    )
+    other = Path(env["pgdata"], "pg_wal", "00000003.history")
+    other.write_bytes(b"1\t0/3000000\tno recovery target specified\n")
+    code = hostcmd.main(["--repo", env["repo"], "--timeout", "0", "push", f"pg_wal/{other.name}"])
+    assert code == PUSH_FAILED
+    assert not Path(env["repo"], *wal_key(other.name).split("/")).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the installed program, as PostgreSQL runs it
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return install_host_command(tmp_path_factory.mktemp("prefix"))
+
+
+def run_program(
+    program: str, *args: str, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", program, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        timeout=60,
+    )
+
+
+def test_installed_program_version(program: str) -> None:
+    out = run_program(program, "version")
+    assert (out.returncode, out.stdout.strip()) == (0, VERSION)
+
+
+def test_installed_program_push_and_fetch(program: str, env: dict[str, str]) -> None:
+    out = run_program(program, "--repo", env["repo"], "push", f"pg_wal/{SEG2}", cwd=env["pgdata"])
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"stored as (zstd|lz4|none)", out.stderr)
+    dest = os.path.join(env["tmp"], "RECOVERYXLOG")
+    out = run_program(program, "--repo", env["repo"], "fetch", SEG2, dest)
+    assert out.returncode == 0, out.stderr
+    assert Path(dest).read_bytes() == SEG2_DATA
+    out = run_program(
+        program, "--repo", env["repo"], "fetch", "000000010000000000000003", dest + "2"
+    )
+    assert out.returncode == FETCH_NOT_FOUND
+    assert not os.path.exists(dest + "2")
+
+
+def test_installed_program_imports_little(program: str) -> None:
+    # One interpreter per segment: the program must not pull in Ansible or heavy modules.
+    probe = (
+        "import sys, runpy; sys.argv = [sys.argv[1], 'version'];"
+        "\ntry:\n runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('ansible', 'json', 'subprocess', 'argparse', 'hashlib')))"
+    )
+    out = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", probe, program],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    assert "ansible." not in out.stdout
