@@ -8,6 +8,8 @@ Layout (keys in the storage)::
     wal/history/TTTTTTTT.history              timeline history files
     wal/TTTTTTTTLLLLLLLL/<name>               segments, .partial and .backup files
     backups/<label>/...                       base backups (files and backup.json catalog record)
+    staging/backups/<label>/                  a base backup being taken (POSIX: renamed into
+                                              backups/<label>/ when complete)
     dumps/<label>/...                         logical dumps
     locks/<name>.lock                         named locks (storage-level)
 
@@ -50,6 +52,7 @@ REPOSITORY_FORMAT = 1
 WAL_PREFIX = "wal"
 BACKUP_PREFIX = "backups"
 DUMP_PREFIX = "dumps"
+STAGING_PREFIX = "staging"
 ENVELOPE_MAGIC = b"PITRWAL1"
 _LEN = struct.Struct(">I")
 _MAX_HEADER = 64 * 1024
@@ -325,6 +328,16 @@ class Repository:
     @staticmethod
     def backup_record_key(label: str) -> str:
         return f"{BACKUP_PREFIX}/{label}/backup.json"
+
+    @staticmethod
+    def backup_staging_prefix(label: str) -> str:
+        """Where a base backup is written while it is taken (never read by restore)."""
+        return f"{STAGING_PREFIX}/{BACKUP_PREFIX}/{label}"
+
+    @staticmethod
+    def backup_progress_key(label: str) -> str:
+        """Progress of a base backup being taken (JSON, rewritten while it runs)."""
+        return f"{STAGING_PREFIX}/{BACKUP_PREFIX}/{label}.progress.json"
 
     @staticmethod
     def dump_prefix(label: str) -> str:

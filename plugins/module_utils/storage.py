@@ -254,6 +254,37 @@ class PosixStorage:
             raise self._error("delete", key, exc) from exc
         _fsync_dir(os.path.dirname(path))
 
+    # Whole directories (POSIX only): pg_basebackup writes a backup into a staging directory,
+    # which becomes visible under its final prefix in one rename.
+    def rename_tree(self, src: str, dst: str) -> None:
+        """Atomically move the directory ``src`` to ``dst`` (which must not exist)."""
+        source, target = self.path(src), self.path(dst)
+        try:
+            self._makedirs(os.path.dirname(target))
+            if os.path.lexists(target):
+                raise ObjectExistsError(f"{dst!r} already exists", key=dst)
+            os.rename(source, target)
+            _fsync_dir(os.path.dirname(target))
+            _fsync_dir(os.path.dirname(source))
+        except OSError as exc:
+            raise self._error("rename", src, exc) from exc
+
+    def delete_tree(self, key: str) -> None:
+        """Remove the directory ``key`` and everything below it; absent is not an error."""
+        import shutil
+
+        path = self.path(key)
+        if not os.path.lexists(path):
+            return
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            _fsync_dir(os.path.dirname(path))
+        except OSError as exc:
+            raise self._error("delete", key, exc) from exc
+
     @contextmanager
     def lock(self, name: str, *, purpose: str, wait: float = 0.0) -> t.Iterator[None]:
         """An exclusive flock on ``locks/<name>.lock``; the file records the holder."""
