@@ -1019,3 +1019,191 @@ __all__ = [
     "take_backup",
     "verify_backup",
 ]
+
+
+# Entry points for the modules and the host command ---------------------------------------------
+
+
+def options_from_params(params: t.Mapping[str, t.Any]) -> BackupOptions:
+    """BackupOptions from module parameters (same names as the module options)."""
+    return BackupOptions(
+        label=params.get("label") or "",
+        backup_format=params.get("format") or "tar",
+        compression=params.get("compression") or DEFAULT_COMPRESSION,
+        checkpoint=params.get("checkpoint") or "fast",
+        manifest_checksums=params.get("manifest_checksums") or "auto",
+        max_rate=params.get("max_rate") or "",
+        timeout=float(params.get("timeout") or 0),
+    )
+
+
+def run_base_backup(
+    params: t.Mapping[str, t.Any],
+    *,
+    check_mode: bool = False,
+    on_progress: t.Callable[[Progress], None] | None = None,
+) -> dict[str, t.Any]:
+    """Everything the ``base_backup`` module does; returns its result (``failed`` included).
+
+    Reads state (catalog, server, versions), plans the argv, and in check mode stops there.
+    """
+    repo = Repository.open_posix(str(params["repository_path"]))
+    posix_storage(repo).ensure_root()
+    opts = options_from_params(params)
+    state = params.get("state") or "present"
+    bindir = find_bindir(params.get("pg_bindir"))
+    client_version, client_major = tool_version(bindir)
+    if state == "verified":
+        if not opts.label:
+            raise BackupError("state=verified needs the label of the backup to verify")
+        out = verify_backup(
+            repo,
+            opts.label,
+            bindir=bindir,
+            client_major=client_major,
+            check_mode=check_mode,
+            lock_wait=float(params.get("lock_wait") or 0),
+        )
+        return _result(out, check_mode)
+    label = catalog.check_label(opts.label or catalog.default_label())
+    existing = catalog.read_backup(repo, label) if opts.label else None
+    if existing is not None and existing.status == "ok":
+        out = BackupOutcome(existing, False, [], message=f"backup {label} exists")
+        return _result(out, check_mode)
+    interval = parse_duration(params.get("min_interval"))
+    if interval > 0:
+        recent = [r for r in catalog.usable_backups(repo) if within_interval(r, interval)]
+        if recent:
+            out = BackupOutcome(
+                recent[0],
+                False,
+                [],
+                message=f"usable backup {recent[0].label} is younger than min_interval",
+            )
+            result = _result(out, check_mode)
+            result["skipped_reason"] = out.message
+            return result
+    env = libpq_env(params, params.get("passfile"))
+    server = identify_server(bindir, env)
+    check_versions(client_major, server.pg_major)
+    identity = repo.identity()
+    wanted = RepositoryIdentity(server.system_identifier, server.pg_major, server.wal_segment_size)
+    if identity is not None:
+        repo.check_identity(wanted, identity)
+    staging_dir = posix_storage(repo).path(repo.backup_staging_prefix(label))
+    argv = basebackup_argv(
+        bindir, staging_dir, label, opts, client_major=client_major, server_major=server.pg_major
+    )
+    if check_mode:
+        planned = BackupRecord(
+            label=label,
+            status="running",
+            backup_format=opts.backup_format,
+            compression=normalize_compression(opts.compression),
+        )
+        out = BackupOutcome(planned, True, argv, message="check mode: no backup taken")
+        return _result(out, check_mode)
+    ensure_repository_identity(repo, server)
+    out = take_backup(
+        repo,
+        label,
+        opts,
+        bindir=bindir,
+        env=env,
+        server=server,
+        client_version=client_version,
+        client_major=client_major,
+        lock_wait=float(params.get("lock_wait") or 0),
+        on_progress=on_progress,
+    )
+    return _result(out, check_mode)
+
+
+def _result(out: BackupOutcome, check_mode: bool) -> dict[str, t.Any]:
+    rec = out.record
+    result: dict[str, t.Any] = {
+        "changed": out.changed,
+        "label": rec.label,
+        "backup": rec.to_dict(),
+        "usable": catalog.usable(rec),
+        "cmd": out.cmd,
+        "progress": out.progress,
+        "backup_seconds": round(out.backup_seconds, 3),
+        "verify_seconds": round(out.verify_seconds, 3),
+        "message": out.message,
+    }
+    if not check_mode and out.changed and not catalog.usable(rec):
+        result["failed"] = True
+        result["msg"] = (
+            f"base backup {rec.label} is not usable ({rec.status}): {out.message}"
+            if rec.status != "ok"
+            else f"base backup {rec.label} did not verify: {out.message}"
+        )
+        if out.stderr:
+            result["stderr"] = out.stderr
+    elif not check_mode and not out.changed and rec.status != "ok" and rec.stop_lsn:
+        result["failed"] = True
+        result["msg"] = f"base backup {rec.label} does not verify: {out.message}"
+    else:
+        result["msg"] = out.message
+    return result
+
+
+def backup_info(params: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """Everything the ``backup_info`` module returns (read-only)."""
+    from ansible_collections.pitr.postgresql.plugins.module_utils import window
+
+    repo = Repository.open_posix(str(params["repository_path"]))
+    posix_storage(repo).ensure_root()
+    identity = repo.identity()
+    segment_size = identity.wal_segment_size if identity else DEFAULT_SEGMENT_SIZE
+    records = catalog.list_backups(repo)
+    if params.get("label"):
+        records = [r for r in records if r.label == params["label"]]
+    wal = repo.list_wal()
+    warnings: list[str] = []
+    commit_times: dict[int, str] = {}
+    if params.get("read_commit_times", True) and wal:
+        try:
+            bindir = find_bindir(params.get("pg_bindir"))
+            commit_times = newest_commit_times(
+                repo,
+                bindir,
+                segment_size=segment_size,
+                scan_segments=int(params.get("wal_scan_segments") or 4),
+                wal=wal,
+            )
+        except PitrError as exc:
+            warnings.append(f"the newest commit times could not be read: {exc.msg}")
+    all_records = catalog.list_backups(repo)
+    win = window.recoverable_window(all_records, wal, commit_times, segment_size)
+    gaps = window.find_gaps(wal, segment_size)
+    backups = []
+    for r in records:
+        d = r.to_dict()
+        d["usable"] = catalog.usable(r)
+        backups.append(d)
+    usable_labels = [r.label for r in all_records if catalog.usable(r)]
+    return {
+        "changed": False,
+        "repository": {
+            "path": repo.describe(),
+            "identity": (
+                {
+                    "system_identifier": identity.system_identifier,
+                    "pg_major": identity.pg_major,
+                    "wal_segment_size": identity.wal_segment_size,
+                }
+                if identity
+                else None
+            ),
+        },
+        "backups": backups,
+        "usable_count": len(usable_labels),
+        "latest_usable": usable_labels[0] if usable_labels else None,
+        "window": [win[tl] for tl in sorted(win)],
+        "newest_commit_time": {str(k): v for k, v in sorted(commit_times.items())},
+        "wal_gaps": gaps,
+        "in_progress": in_progress(repo),
+        "warnings": warnings,
+    }
