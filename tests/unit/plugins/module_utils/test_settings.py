@@ -372,7 +372,7 @@ def test_generic_planner_refuses_unknown_parameter() -> None:
 
 # normalisation ------------------------------------------------------------------------------------
 def recorded_setting(name: str) -> ServerSetting:
-    rows, _ = state("archiving_on")
+    rows, _files = state("archiving_on")
     return ServerSetting.from_row(next(r for r in rows if r["name"] == name))
 
 
