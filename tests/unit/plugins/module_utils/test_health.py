@@ -304,7 +304,7 @@ def test_inspect_repository_of_this_cluster(tmp_path: Path) -> None:
 
 def test_inspect_repository_of_another_cluster(tmp_path: Path) -> None:
     Repository.open_posix(str(tmp_path)).ensure_identity(IDENTITY)
-    _, problem = inspect_repository(
+    _report, problem = inspect_repository(
         str(tmp_path), system_identifier=42, pg_major=15, wal_segment_size=MIB16
     )
     assert problem is not None
