@@ -153,7 +153,11 @@ def run_bounded(work: t.Callable[[], int], timeout: float, fail_code: int, what:
     answer in time either way.
     """
     if timeout <= 0:
-        return work()
+        try:
+            return work()
+        except Exception as exc:  # a bug must still end in the action's failure code
+            log(f"{what} FAILED: unexpected {type(exc).__name__}: {exc}")
+            return fail_code
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # child

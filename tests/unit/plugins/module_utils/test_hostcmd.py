@@ -615,3 +615,25 @@ def test_installed_program_imports_little(program: str) -> None:
     )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
     assert "ansible." not in out.stdout
+
+
+@pytest.mark.parametrize(("action", "code"), [("push", PUSH_FAILED), ("fetch", FETCH_FATAL)])
+def test_unexpected_error_without_timeout_keeps_the_exit_code_contract(
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    action: str,
+    code: int,
+) -> None:
+    # With --timeout 0 the action runs in the process itself. A bug (any exception that is
+    # not a PitrError) must still end as the action's failure code: a traceback exits 1,
+    # which for fetch means "not archived" and ends recovery early.
+    from ansible_collections.pitr.postgresql.plugins.module_utils import archive
+
+    def bug(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(archive, action, bug)
+    argv = ["push", env["seg"]] if action == "push" else ["fetch", SEG2, env["tmp"] + "/X"]
+    assert run_main(env, *argv, timeout="0") == code
+    assert "FAILED: unexpected KeyError" in capfd.readouterr().err
