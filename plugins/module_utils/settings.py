@@ -352,7 +352,8 @@ def plan_settings(
     warnings: tuple[str, ...] = ()
     if files is None:
         warnings = (
-            "pg_file_settings could not be read (it needs superuser or pg_read_all_settings):"
+            "pg_file_settings could not be read (it needs superuser, or SELECT on it and"
+            " EXECUTE on pg_show_all_file_settings()):"
             " values set with ALTER SYSTEM that wait for a restart are not recognised, so the"
             " statements may run again",
         )

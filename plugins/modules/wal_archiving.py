@@ -66,8 +66,10 @@ attributes:
       - pitr.postgresql.postgresql
 notes:
   - Supports PostgreSQL 13 and later. C(archive_library) exists from PostgreSQL 15.
-  - Needs a superuser, or on PostgreSQL 15 and later a role granted C(ALTER SYSTEM) on these
-    parameters and C(pg_read_all_settings) (to read C(pg_file_settings)).
+  - Needs a superuser. On PostgreSQL 15 and later another role will do with
+    C(GRANT ALTER SYSTEM ON PARAMETER) for the four parameters and C(EXECUTE) on
+    C(pg_reload_conf()); to recognise values that wait for a restart it also needs C(SELECT) on
+    C(pg_file_settings) and C(EXECUTE) on C(pg_show_all_file_settings()).
   - A reload also applies any other configuration change that waits for one.
 seealso:
   - module: pitr.postgresql.archive_info

@@ -297,3 +297,31 @@ def test_missing_psycopg_names_the_library(pg_cluster: PgCluster, tmp_path: Path
     assert result.failed
     assert "Failed to import the required Python library (psycopg)" in result.msg
     assert configured(pg_cluster, "archive_command") is None
+
+
+def test_non_superuser_with_the_documented_grants(pg_cluster: PgCluster) -> None:
+    """The grants the module's notes name are enough, and the warning names the missing ones."""
+    pg_cluster.sql("CREATE ROLE archiver LOGIN")
+    pg_cluster.sql(
+        "GRANT ALTER SYSTEM ON PARAMETER wal_level, archive_mode, archive_command,"
+        " archive_timeout TO archiver"
+    )
+    pg_cluster.sql("GRANT EXECUTE ON FUNCTION pg_reload_conf() TO archiver")
+    params = {**pg_cluster.module_params, "login_user": "archiver", "login_db": "postgres"}
+
+    first = run_module(MODULE, {**params, "archive_command": CMD})
+    assert_ok(first)
+    assert first.changed is True
+    assert configured(pg_cluster, "archive_mode") == "on"
+    assert any("pg_show_all_file_settings()" in w for w in first.warnings)
+    # Without pg_file_settings the value waiting for the restart is not seen: written again.
+    blind = run_module(MODULE, {**params, "archive_command": CMD})
+    assert blind["queries"] == ["ALTER SYSTEM SET \"archive_mode\" = 'on'"]
+
+    pg_cluster.sql("GRANT SELECT ON pg_file_settings TO archiver")
+    pg_cluster.sql("GRANT EXECUTE ON FUNCTION pg_show_all_file_settings() TO archiver")
+    seeing = run_module(MODULE, {**params, "archive_command": CMD})
+    assert_ok(seeing)
+    assert seeing.changed is False
+    assert seeing["restart_required"] is True
+    assert not seeing.warnings
