@@ -11,6 +11,7 @@ unit-testable with an in-memory storage. Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -123,17 +124,18 @@ def push(
                 f" {from_header.wal_segment_size} bytes; refusing to archive a truncated segment",
                 wal=name,
             )
-    if repo.identity() is None:
-        if pushing is None or not pushing.wal_segment_size or not pushing.pg_major:
-            raise RepositoryError(
-                f"repository {repo.describe()} has no identity yet and {name} does not carry"
-                " one; initialise it with `pitr-wal init --pgdata DATADIR` (the archiving"
-                " role does this)",
-                wal=name,
-            )
-        repo.ensure_identity(pushing)
-    elif pushing is not None:
-        repo.check_identity(pushing)
+    identity = repo.identity()
+    if identity is None:
+        # Never initialise on push: an unmounted repository looks like an empty directory,
+        # and WAL would silently go to the mount point's own disk.
+        raise RepositoryError(
+            f"repository {repo.describe()} is not initialised (no {IDENTITY_KEY}); if it"
+            " lives on other storage, check that it is mounted; otherwise initialise it with"
+            " `pitr-wal --repo PATH init --pgdata DATADIR` (the archiving role does this)",
+            wal=name,
+        )
+    if pushing is not None:
+        repo.check_identity(pushing, identity)
 
     digest = hashlib.sha256(data).hexdigest()
     existing = repo.wal_header(name)
@@ -145,7 +147,10 @@ def push(
     except ObjectExistsError:
         # Another archiver stored the same name between our check and our link.
         existing = repo.wal_header(name)
-        assert existing is not None
+        if existing is None:
+            raise RepositoryError(
+                f"{name} vanished from the repository while being archived"
+            ) from None
         return _compare_existing(repo, name, data, digest, existing.sha256, existing.size)
     return PushResult(name, "archived", len(data), stored, resolved)
 
@@ -208,10 +213,7 @@ def fetch(repo: Repository, name: str, dest_path: str) -> FetchResult:
             os.close(fd)
         os.replace(tmp, dest_path)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise PitrError(f"cannot write {dest_path}: {exc.strerror}", wal=name) from exc
     return FetchResult(name, header.size, header.stored_size, header.codec)
-

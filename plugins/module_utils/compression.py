@@ -145,7 +145,7 @@ def _load(name: str) -> _Codec | None:
             codec = _Program("lz4", str(shutil.which("lz4")))
     else:
         raise CompressionError(
-            f"unknown compression {name!r}: choose one of {', '.join((AUTO,) + CODECS)}"
+            f"unknown compression {name!r}: choose one of {', '.join((AUTO, *CODECS))}"
         )
     _cache[name] = codec
     return codec

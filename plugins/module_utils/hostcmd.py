@@ -21,6 +21,7 @@ on stderr. It never imports Ansible.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -172,12 +173,10 @@ def run_bounded(work: t.Callable[[], int], timeout: float, fail_code: int, what:
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        _, status = os.waitpid(pid, 0)
+        status = os.waitpid(pid, 0)[1]
     except _Timeout:
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
         log(
             f"{what} FAILED: no answer from the repository within {timeout:g} s (--timeout);"
             " check the storage behind it (a hung mount, a full or slow disk)"
@@ -213,34 +212,45 @@ def _push(opts: Options) -> int:
     return 0
 
 
-def _fetch(opts: Options) -> int:
+_ATTEMPT_FAILED = 3  # internal: one fetch attempt failed in a way worth retrying
+
+
+def _fetch_once(opts: Options) -> int:
     from ansible_collections.pitr.postgresql.plugins.module_utils import archive
     from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
     from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
 
     name, dest = opts.args
     started = time.monotonic()
-    repo = Repository.open_posix(opts.repo)
+    try:
+        res = archive.fetch(Repository.open_posix(opts.repo), name, dest)
+    except archive.WalNotArchivedError:
+        log(f"fetch {name}: not in the archive")
+        return FETCH_NOT_FOUND
+    except PitrError as exc:
+        log(f"fetch {name}: {exc.msg}")
+        return _ATTEMPT_FAILED
+    ms = (time.monotonic() - started) * 1000
+    log(f"fetch {name}: restored {_mib(res.size)} ({res.codec}) in {ms:.0f} ms")
+    return 0
+
+
+def _fetch(opts: Options) -> int:
+    """Bounded attempts, each within --timeout; only 'truly absent' may exit 1."""
+    name = opts.args[0]
     for attempt in range(1, opts.retries + 1):
-        try:
-            res = archive.fetch(repo, name, dest)
-        except archive.WalNotArchivedError:
-            log(f"fetch {name}: not in the archive")
-            return FETCH_NOT_FOUND
-        except PitrError as exc:
-            last = exc.msg
-            if attempt < opts.retries:
-                log(f"fetch {name}: attempt {attempt} of {opts.retries} failed: {last}; retrying")
-                time.sleep(opts.retry_delay)
-                continue
-            log(
-                f"fetch {name} FAILED after {attempt} attempts: {last}. Recovery must stop here"
-                f" (exit {FETCH_FATAL}) rather than treat this as the end of the archive."
-            )
-            return FETCH_FATAL
-        ms = (time.monotonic() - started) * 1000
-        log(f"fetch {name}: restored {_mib(res.size)} ({res.codec}) in {ms:.0f} ms")
-        return 0
+        code = run_bounded(
+            lambda: _fetch_once(opts), opts.timeout, _ATTEMPT_FAILED, f"fetch {name}"
+        )
+        if code in (0, FETCH_NOT_FOUND):
+            return code
+        if attempt < opts.retries:
+            log(f"fetch {name}: attempt {attempt} of {opts.retries} failed; retrying")
+            time.sleep(opts.retry_delay)
+    log(
+        f"fetch {name} FAILED after {opts.retries} attempt(s). Recovery must stop here"
+        f" (exit {FETCH_FATAL}) rather than treat this as the end of the archive."
+    )
     return FETCH_FATAL
 
 
@@ -270,7 +280,8 @@ def _init(opts: Options) -> int:
     except PitrError as exc:
         log(f"init FAILED: {exc.msg}")
         return PUSH_FAILED
-    log(f"init: repository {'initialised' if created else 'already belongs to'} {identity.describe()}")
+    state = "initialised" if created else "already belongs to"
+    log(f"init: repository {state} {identity.describe()}")
     return 0
 
 
@@ -288,17 +299,16 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     if opts.action == "version":
         from ansible_collections.pitr.postgresql.plugins.module_utils.version import VERSION
 
-        print(VERSION)
+        sys.stdout.write(VERSION + "\n")
         return 0
     if opts.action == "push":
         return run_bounded(lambda: _push(opts), opts.timeout, PUSH_FAILED, f"push {opts.args[0]}")
     if opts.action == "fetch":
-        return run_bounded(
-            lambda: _fetch(opts),
-            opts.timeout * opts.retries + opts.retry_delay * opts.retries if opts.timeout else 0,
-            FETCH_FATAL,
-            f"fetch {opts.args[0]}",
-        )
+        try:
+            return _fetch(opts)
+        except BaseException as exc:  # anything unexpected must stop recovery, not end it
+            log(f"fetch {opts.args[0]} FAILED: unexpected {type(exc).__name__}: {exc}")
+            return FETCH_FATAL
     return run_bounded(lambda: _init(opts), opts.timeout, PUSH_FAILED, "init")
 
 

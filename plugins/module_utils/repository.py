@@ -206,7 +206,8 @@ class Repository:
             except ObjectExistsError:
                 pass  # another process initialised it first: check against theirs
             current = self.identity()
-            assert current is not None
+            if current is None:
+                raise RepositoryError(f"{IDENTITY_KEY} vanished from {self.describe()}")
         self.check_identity(wanted, current)
         return current, created
 
@@ -285,7 +286,7 @@ class Repository:
             except WalNameError:
                 continue
         found.sort(key=lambda x: x[0])
-        return [(w, info) for _, w, info in found]
+        return [(entry[1], entry[2]) for entry in found]
 
     def wal_summary(self) -> dict[str, t.Any]:
         """Counts and bounds per timeline, for reports."""
@@ -301,8 +302,14 @@ class Repository:
                 continue
             tl = timelines.setdefault(
                 f"{w.timeline:08X}",
-                {"segments": 0, "partial": 0, "backup_files": 0, "bytes": 0,
-                 "oldest": None, "newest": None},
+                {
+                    "segments": 0,
+                    "partial": 0,
+                    "backup_files": 0,
+                    "bytes": 0,
+                    "oldest": None,
+                    "newest": None,
+                },
             )
             tl["bytes"] += info.size
             if w.kind == "segment":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
 import json
 import os
 import socket
@@ -45,7 +44,7 @@ class Storage(t.Protocol):
     """What the repository may ask of a storage backend."""
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
-        """Store ``data`` under ``key`` atomically; ObjectExistsError if present and not overwrite."""
+        """Store ``data`` atomically; ObjectExistsError if present and not ``overwrite``."""
 
     def get(self, key: str) -> bytes:
         """Return the whole object; ObjectNotFoundError if absent."""
@@ -199,10 +198,12 @@ class PosixStorage:
     def open_read(self, key: str) -> t.BinaryIO:
         """Open an object for streaming reads."""
         try:
-            return io.open(self.path(key), "rb")
+            return open(self.path(key), "rb")
         except FileNotFoundError:
             self._raise_if_root_missing()
-            raise ObjectNotFoundError(f"{key!r} is not in repository {self.root}", key=key) from None
+            raise ObjectNotFoundError(
+                f"{key!r} is not in repository {self.root}", key=key
+            ) from None
         except OSError as exc:
             raise self._error("read", key, exc) from exc
 
@@ -336,4 +337,7 @@ def _read_holder(fd: int) -> str:
         return "another process"
     if not rec:
         return "another process"
-    return f"{rec.get('purpose', '?')} (pid {rec.get('pid')} on {rec.get('host')} since {rec.get('since')})"
+    return (
+        f"{rec.get('purpose', '?')} (pid {rec.get('pid')} on {rec.get('host')}"
+        f" since {rec.get('since')})"
+    )

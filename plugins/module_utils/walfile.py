@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import struct
-import typing as t
 from dataclasses import dataclass
 
 SEGMENT = "segment"
@@ -77,9 +76,7 @@ class WalFileName:
             return cls(int(m[1], 16), int(m[2], 16), int(m[3], 16), PARTIAL, name)
         m = _BACKUP_RE.fullmatch(name)
         if m:
-            return cls(
-                int(m[1], 16), int(m[2], 16), int(m[3], 16), BACKUP, name, int(m[4], 16)
-            )
+            return cls(int(m[1], 16), int(m[2], 16), int(m[3], 16), BACKUP, name, int(m[4], 16))
         m = _HISTORY_RE.fullmatch(name)
         if m:
             return cls(int(m[1], 16), 0, 0, HISTORY, name)
@@ -115,9 +112,7 @@ def segment_name(timeline: int, segno: int, segment_size: int = DEFAULT_SEGMENT_
     return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
 
 
-def segment_for_lsn(
-    timeline: int, lsn: int, segment_size: int = DEFAULT_SEGMENT_SIZE
-) -> str:
+def segment_for_lsn(timeline: int, lsn: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
     """The segment file that holds ``lsn`` on ``timeline``."""
     return segment_name(timeline, lsn // segment_size, segment_size)
 
@@ -165,7 +160,8 @@ def parse_long_page_header(data: bytes) -> WalPageHeader:
     """Parse the first page header of a WAL segment; raise ValueError if it is not one."""
     if len(data) < LONG_HEADER_SIZE:
         raise ValueError(
-            f"a WAL segment starts with a {LONG_HEADER_SIZE}-byte page header; got {len(data)} bytes"
+            f"a WAL segment starts with a {LONG_HEADER_SIZE}-byte page header;"
+            f" got {len(data)} bytes"
         )
     magic, info, tli, pageaddr, _rem, sysid, seg_size, blcksz = _LONG_HEADER.unpack_from(data)
     if not info & XLP_LONG_HEADER:
@@ -182,7 +178,7 @@ def read_system_identifier_from_control(pg_control: bytes) -> int:
     return int(struct.unpack_from("<Q", pg_control)[0])
 
 
-def sort_key(name: str) -> t.Tuple[int, int, int, int, str]:
+def sort_key(name: str) -> tuple[int, int, int, int, str]:
     """A key that orders archived file names the way WAL is replayed."""
     w = WalFileName.parse(name)
     order = {HISTORY: 0, SEGMENT: 1, BACKUP: 2, PARTIAL: 3}[w.kind]
