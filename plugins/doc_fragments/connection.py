@@ -2,6 +2,10 @@
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Shared documentation: PostgreSQL connection options and module attributes.
 
+Fragments: ``pitr.postgresql.connection`` (options), ``.attributes`` (a module that changes
+things), ``.info_attributes`` (a read-only module), ``.action_group`` (a member of the
+``pitr.postgresql.postgresql`` action group in meta/runtime.yml).
+
 The option names are community.postgresql's, so that one ``module_defaults`` entry can serve
 both collections. The argument spec is ``postgres.connection_argument_spec()``; keep the two
 in step.
@@ -108,4 +112,15 @@ attributes:
     description: When run twice in a row outside check mode, with the same arguments, the second
       invocation indicates no change.
     support: full
+"""
+
+    # Membership of the collection's action group (pitr.postgresql.connection.action_group).
+    ACTION_GROUP = r"""
+attributes:
+  action_group:
+    description: Use C(group/pitr.postgresql.postgresql) in C(module_defaults) to set defaults
+      for this module.
+    support: full
+    membership:
+      - pitr.postgresql.postgresql
 """

@@ -44,13 +44,7 @@ options:
 extends_documentation_fragment:
   - pitr.postgresql.connection
   - pitr.postgresql.connection.info_attributes
-attributes:
-  action_group:
-    description: Use C(group/pitr.postgresql.postgresql) in C(module_defaults) to set defaults
-      for this module.
-    support: full
-    membership:
-      - pitr.postgresql.postgresql
+  - pitr.postgresql.connection.action_group
 notes:
   - Supports PostgreSQL 13 and later.
   - Counting C(.ready) files calls C(pg_ls_archive_statusdir()), which needs a superuser or a

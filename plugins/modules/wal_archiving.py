@@ -57,13 +57,7 @@ options:
 extends_documentation_fragment:
   - pitr.postgresql.connection
   - pitr.postgresql.connection.attributes
-attributes:
-  action_group:
-    description: Use C(group/pitr.postgresql.postgresql) in C(module_defaults) to set defaults
-      for this module.
-    support: full
-    membership:
-      - pitr.postgresql.postgresql
+  - pitr.postgresql.connection.action_group
 notes:
   - Supports PostgreSQL 13 and later. C(archive_library) exists from PostgreSQL 15.
   - Needs a superuser. On PostgreSQL 15 and later another role will do with
