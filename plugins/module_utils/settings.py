@@ -311,9 +311,16 @@ def plan_settings(
         try:
             want = normalise(setting, asked)
             run = normalise(setting, setting.running_text)
-            conf = normalise(setting, _configured_text(setting, files))
         except ValueError as exc:
             raise SettingsError(f"{name}: {exc}", setting=name) from exc
+        try:
+            conf = normalise(setting, _configured_text(setting, files))
+        except ValueError as exc:
+            raise SettingsError(
+                f"{name} in the configuration files is invalid ({exc}): the server would not"
+                " accept it at the next reload or restart; correct or remove that line",
+                setting=name,
+            ) from exc
         _validate(setting, want, asked)
 
         levels = at_least.get(name)

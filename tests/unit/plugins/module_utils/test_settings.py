@@ -364,6 +364,16 @@ def test_without_file_settings_running_values_stand_in_and_a_warning_says_so() -
     assert "pg_file_settings" in result.warnings[0]
 
 
+def test_invalid_value_in_a_configuration_file_is_named() -> None:
+    rows, files = state("archiving_on")
+    files.append({"name": "archive_timeout", "setting": "soon", "seqno": 99, "error": "invalid"})
+    with pytest.raises(SettingsError, match="archive_timeout in the configuration files"):
+        plan_wal_archiving(
+            rows, files, wal_level="replica", archive_mode="on", archive_command=CMD,
+            archive_timeout="60s",
+        )  # fmt: skip
+
+
 def test_generic_planner_refuses_unknown_parameter() -> None:
     rows, files = state("fresh")
     with pytest.raises(SettingsError, match="no parameter 'archive_cleanup'"):
