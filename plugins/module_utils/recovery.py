@@ -970,7 +970,7 @@ def _wal_size(
     }
 
 
-def _decide_action(
+def decide_action(
     request: RestoreRequest, fingerprint: str, state: DataDirState
 ) -> tuple[str, str]:
     if request.force:
@@ -1015,11 +1015,17 @@ def plan_recovery(
     """
     target = request.target
     fingerprint = request_fingerprint(request)
-    action, reason = _decide_action(request, fingerprint, data_dir)
+    action, reason = decide_action(request, fingerprint, data_dir)
     plan = RecoveryPlan(action=action, reason=reason, target=target, fingerprint=fingerprint)
     if action != "restore":
         plan.state = data_dir.restore_state or data_dir.staging_state
-        plan.data_dir = {"path": data_dir.path, "running": data_dir.running}
+        plan.data_dir = {
+            "path": data_dir.path,
+            "exists": data_dir.exists,
+            "running": data_dir.running,
+            "pid": data_dir.pid,
+            "staging_dir": os.path.normpath(data_dir.path) + STAGING_SUFFIX,
+        }
         recorded = plan.state or {}
         plan.backup = dict(recorded.get("backup") or {})
         plan.settings = dict(recorded.get("settings") or {})
@@ -1168,7 +1174,7 @@ def plan_recovery(
 
     plan.backup = _backup_summary(record)
     plan.backup["path"] = record_path(request.repository, record.label)
-    plan.backup["files"] = list(record.files)
+    plan.backup["layout"] = backup_layout(record)
     plan.timeline = {
         "requested": target.timeline,
         "resolved": choice.timeline,
@@ -1177,6 +1183,7 @@ def plan_recovery(
     }
     plan.wal = _wal_size(scan, archived, last_needed, segment_size)
     plan.wal["last_is_exact"] = exact
+    plan.wal["end_lsn"] = format_lsn((last_needed + 1) * segment_size)
     plan.wal["archive_last"] = (
         segment_on_path(path, scan.archive_last_segno, segment_size)
         if scan.archive_last_segno is not None
@@ -1198,11 +1205,15 @@ def plan_recovery(
             space=plan.space,
         )
     plan.steps = _restore_steps(plan, data_dir)
+    plan.state = restore_state(plan, PHASE_STAGING, now)
     return plan
 
 
 def record_path(repository: str, label: str) -> str:
-    return os.path.join(repository, "backups", label)
+    """Local path of a backup in a POSIX repository (the repository owns the key)."""
+    from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
+
+    return os.path.join(repository, *Repository.backup_prefix(label).split("/"))
 
 
 def _oldest_on_path(
@@ -1442,3 +1453,359 @@ class WaldumpInspector:
 
     def last_record_lsn(self, segment: str) -> int | None:
         return parse_waldump(segment, self._dump(segment)).last_record_lsn
+
+
+# --------------------------------------------------------------------------------------------
+# Following recovery: the server log and the confirmation of the stop point (pure)
+
+_STOP_RE = re.compile(
+    r"recovery stopping (?P<edge>before|after) (?P<rec>commit|abort) of transaction"
+    r" (?P<xid>\d+), time (?P<time>\S+ \S+)"
+    r"|recovery stopping at restore point \"(?P<name>.*)\", time (?P<rptime>\S+ \S+)"
+    r"|recovery stopping (?P<lsnedge>before|after) WAL location \(LSN\) \"(?P<lsn>[0-9A-F/]+)\""
+    r"|recovery stopping after reaching (?P<consistency>consistency)"
+)
+_NEW_TLI_RE = re.compile(r"selected new timeline ID: (\d+)")
+_FAILURE_RE = re.compile(r"\b(FATAL|PANIC):")
+_INTEREST = (
+    "recovery stopping",
+    "pausing at the end of recovery",
+    "recovery has paused",
+    "consistent recovery state reached",
+    "redo done at",
+    "last completed transaction",
+    "selected new timeline ID",
+    "archive recovery complete",
+    "recovery ended before configured recovery target was reached",
+    "could not restore file",
+    "startup process",
+    "pitr-wal: fetch",
+    "database system is ready",
+    "database system is shut down",
+)
+# FATAL lines that are about a client connection, not about the server.
+_CLIENT_FATAL = (
+    "the database system is starting up",
+    "the database system is not yet accepting connections",
+    "the database system is shutting down",
+    "terminating connection due to administrator command",
+    "the database system is in recovery mode",
+)
+
+
+def parse_log_time(text: str) -> datetime:
+    """A timestamptz as PostgreSQL prints it in messages: ``2026-11-25 10:30:00.12+01``."""
+    m = re.match(r"^(\S+ \d\d:\d\d:\d\d(?:\.\d+)?)([+-]\d\d)(?::?(\d\d))?$", text.strip())
+    if not m:
+        return parse_record_time(text)
+    offset = f"{m[2]}:{m[3] or '00'}"
+    return datetime.fromisoformat(f"{m[1]}{offset}").astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class RecoveryLog:
+    """What the server log says about the recovery since the restore started it."""
+
+    stop_line: str | None = None
+    stop: dict[str, t.Any] = field(default_factory=dict)
+    paused_at_target: bool = False
+    new_timeline: int | None = None
+    ended_before_target: bool = False
+    failures: tuple[str, ...] = ()
+    lines: tuple[str, ...] = ()
+
+
+def parse_recovery_log(text: str, max_lines: int = 60) -> RecoveryLog:
+    """Pick the lines that tell how recovery went (stop point, pause, failures)."""
+    stop_line: str | None = None
+    stop: dict[str, t.Any] = {}
+    paused = False
+    new_tli: int | None = None
+    ended_early = False
+    failures: list[str] = []
+    lines: list[str] = []
+    for line in text.splitlines():
+        m = _STOP_RE.search(line)
+        if m:
+            stop_line = line.strip()
+            if m["xid"]:
+                stop = {
+                    "kind": "xact",
+                    "edge": m["edge"],
+                    "record": m["rec"],
+                    "xid": int(m["xid"]),
+                    "time": parse_log_time(m["time"]),
+                }
+            elif m["name"] is not None:
+                stop = {
+                    "kind": "name",
+                    "edge": "at",
+                    "name": m["name"],
+                    "time": parse_log_time(m["rptime"]),
+                }
+            elif m["lsn"]:
+                stop = {"kind": "lsn", "edge": m["lsnedge"], "lsn": parse_lsn(m["lsn"])}
+            else:
+                stop = {"kind": "immediate", "edge": "after"}
+        if "pausing at the end of recovery" in line:
+            paused = True
+        tli = _NEW_TLI_RE.search(line)
+        if tli:
+            new_tli = int(tli.group(1))
+        if "recovery ended before configured recovery target was reached" in line:
+            ended_early = True
+        if _FAILURE_RE.search(line) and not any(c in line for c in _CLIENT_FATAL):
+            failures.append(line.strip())
+        if any(k in line for k in _INTEREST) or _FAILURE_RE.search(line):
+            lines.append(line.strip())
+    return RecoveryLog(
+        stop_line,
+        stop,
+        paused,
+        new_tli,
+        ended_early,
+        tuple(failures[-20:]),
+        tuple(lines[-max_lines:]),
+    )
+
+
+def confirm_stop(
+    target: t.Mapping[str, t.Any],
+    log: RecoveryLog,
+    replay_lsn: int | None,
+    replay_time: datetime | None,
+) -> tuple[bool | None, str]:
+    """Did replay stop where the target says? (True, False, or None when it cannot tell.)
+
+    ``target`` is ``RecoveryTarget.to_dict()`` (kind, value, inclusive). The log line
+    PostgreSQL writes when it stops is the primary evidence; the last replayed commit time
+    and replay position back it up where they apply.
+    """
+    kind = target.get("kind")
+    inclusive = bool(target.get("inclusive", True))
+    value = str(target.get("value", ""))
+    stop = log.stop
+    if kind == "latest":
+        return True, "replayed to the end of the archived WAL"
+    if kind == "time":
+        moment = parse_target_time(value)
+        problems = []
+        if replay_time is not None:
+            ok = replay_time <= moment if inclusive else replay_time < moment
+            if not ok:
+                problems.append(
+                    f"the last replayed commit is at {format_target_time(replay_time)}, after"
+                    " the target"
+                )
+        if stop.get("kind") == "xact":
+            first_excluded = stop["time"]
+            ok = first_excluded > moment if inclusive else first_excluded >= moment
+            if stop["edge"] != "before" or not ok:
+                problems.append(f"PostgreSQL stopped at an unexpected point: {log.stop_line}")
+        elif stop:
+            problems.append(f"PostgreSQL stopped at an unexpected point: {log.stop_line}")
+        if problems:
+            return False, "; ".join(problems)
+        if not stop and replay_time is None:
+            return None, "neither the server log nor pg_last_xact_replay_timestamp() tell"
+        where = (
+            f"stopped before the {stop['record']} of transaction {stop['xid']} at"
+            f" {format_target_time(stop['time'])}"
+            if stop
+            else "stopped"
+        )
+        last = (
+            f"; last replayed commit at {format_target_time(replay_time)}"
+            if replay_time is not None
+            else ""
+        )
+        return True, where + last
+    if kind == "lsn":
+        wanted = parse_lsn(value)
+        if stop.get("kind") == "lsn":
+            edge_ok = stop["edge"] == ("after" if inclusive else "before")
+            if not edge_ok or stop["lsn"] < wanted:
+                return False, f"PostgreSQL stopped at an unexpected point: {log.stop_line}"
+            if inclusive and replay_lsn is not None and replay_lsn < wanted:
+                return False, f"replay stopped at {format_lsn(replay_lsn)}, before {value}"
+            return True, f"stopped {stop['edge']} the record at {format_lsn(stop['lsn'])}"
+        if stop:
+            return False, f"PostgreSQL stopped at an unexpected point: {log.stop_line}"
+        if inclusive and replay_lsn is not None:
+            return (replay_lsn >= wanted), f"replayed up to {format_lsn(replay_lsn)}"
+        return None, "the server log does not say where replay stopped"
+    if kind == "xid":
+        wanted_xid = int(value) & 0xFFFFFFFF
+        if stop.get("kind") == "xact":
+            ok = stop["xid"] == wanted_xid and stop["edge"] == ("after" if inclusive else "before")
+            text = f"stopped {stop['edge']} the {stop['record']} of transaction {stop['xid']}"
+            return ok, text if ok else f"PostgreSQL stopped at an unexpected point: {text}"
+        if stop:
+            return False, f"PostgreSQL stopped at an unexpected point: {log.stop_line}"
+        return None, "the server log does not say where replay stopped"
+    if kind == "name":
+        if stop.get("kind") == "name":
+            ok = stop["name"] == value
+            return ok, f"stopped at restore point {stop['name']!r}"
+        if stop:
+            return False, f"PostgreSQL stopped at an unexpected point: {log.stop_line}"
+        return None, "the server log does not say where replay stopped"
+    if kind == "immediate":
+        if stop.get("kind") == "immediate":
+            return True, "stopped as soon as the backup was consistent"
+        if stop:
+            return False, f"PostgreSQL stopped at an unexpected point: {log.stop_line}"
+        return None, "the server log does not say where replay stopped"
+    return None, f"unknown target kind {kind!r}"
+
+
+PHASES = ("stopped", "starting", "recovering", "paused", "promoted", "failed")
+TERMINAL_PHASES = ("stopped", "paused", "promoted", "failed")
+
+
+def recovery_phase(
+    *,
+    running: bool,
+    connected: bool,
+    in_recovery: bool | None,
+    pause_state: str | None,
+    log: RecoveryLog,
+) -> str:
+    """Where a restored server is: stopped, starting, recovering, paused, promoted or failed."""
+    if not running:
+        return "failed" if (log.failures or log.ended_before_target) else "stopped"
+    if not connected:
+        return "starting"
+    if in_recovery:
+        return "paused" if pause_state == "paused" else "recovering"
+    return "promoted"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the data directory (effects, kept small)
+
+
+def postmaster_pid(data_dir: str) -> int | None:
+    """The PID of the postmaster running on ``data_dir``, or None when none runs."""
+    try:
+        with open(os.path.join(data_dir, "postmaster.pid"), encoding="ascii") as fh:
+            pid = int(fh.readline().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+        if b"postgres" not in cmdline and b"postmaster" not in cmdline:
+            return None  # a stale PID file whose number was reused
+    except OSError:
+        pass
+    return pid
+
+
+def _read_json(path: str) -> dict[str, t.Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_data_dir_state(path: str) -> DataDirState:
+    """What is at ``path`` (and beside it) now."""
+    path = os.path.normpath(path)
+    exists = os.path.isdir(path)
+    empty = True
+    sysid: int | None = None
+    if exists:
+        empty = not os.listdir(path)
+        try:
+            from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
+                read_system_identifier_from_control,
+            )
+
+            with open(os.path.join(path, "global", "pg_control"), "rb") as fh:
+                sysid = read_system_identifier_from_control(fh.read(8))
+        except (OSError, ValueError):
+            sysid = None
+    staging = path + STAGING_SUFFIX
+    parent = os.path.dirname(path) or "."
+    base = os.path.basename(path)
+    try:
+        siblings = tuple(n for n in os.listdir(parent) if n.startswith(base + OLD_INFIX))
+    except OSError:
+        siblings = ()
+    free: int | None
+    try:
+        st = os.statvfs(parent)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    pid = postmaster_pid(path) if exists else None
+    return DataDirState(
+        path=path,
+        exists=exists,
+        empty=empty,
+        running=pid is not None,
+        pid=pid,
+        system_identifier=sysid,
+        is_mount_point=exists and os.path.ismount(path),
+        restore_state=_read_json(os.path.join(path, STATE_FILE)) if exists else None,
+        staging_exists=os.path.isdir(staging),
+        staging_state=_read_json(os.path.join(staging, STATE_FILE)),
+        free_bytes=free,
+        siblings=siblings,
+    )
+
+
+def backup_layout(record: BackupRecord) -> dict[str, t.Any]:
+    """How to lay the backup down: which archives, which decompressor (tar) or a copy."""
+    if record.backup_format == "plain":
+        return {"format": "plain", "base": None, "wal": None, "decompress": None}
+    programs = {".zst": "zstd", ".lz4": "lz4", ".gz": "gzip", "": None}
+
+    def find(stem: str) -> tuple[str | None, str | None]:
+        for ext, program in programs.items():
+            if f"{stem}.tar{ext}" in record.files:
+                return f"{stem}.tar{ext}", program
+        return None, None
+
+    base, decompress = find("base")
+    wal, wal_decompress = find("pg_wal")
+    if base is None:
+        raise RecoveryPlanError(
+            f"backup {record.label} has no base.tar archive among its files"
+            f" ({', '.join(record.files)}); it cannot be restored",
+            backup=record.label,
+        )
+    return {
+        "format": "tar",
+        "base": base,
+        "wal": wal,
+        "decompress": decompress,
+        "wal_decompress": wal_decompress,
+    }
+
+
+def required_programs(layout: t.Mapping[str, t.Any], pg_bindir: str) -> list[str]:
+    """Programs the role runs for this backup: absolute paths, or names looked up in PATH."""
+    programs = [os.path.join(pg_bindir, "pg_ctl")]
+    if layout.get("format") == "tar":
+        programs.append("tar")
+        for key in ("decompress", "wal_decompress"):
+            if layout.get(key):
+                programs.append(str(layout[key]))
+    else:
+        programs.append("cp")
+    return list(dict.fromkeys(programs))
+
+
+def history_timeline(name: str) -> int:
+    """The timeline of a ``TTTTTTTT.history`` file name."""
+    return WalFileName.parse(name).timeline
