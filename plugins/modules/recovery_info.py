@@ -9,13 +9,13 @@ module: recovery_info
 short_description: Follow a PostgreSQL server in targeted recovery and confirm where replay stopped
 version_added: 0.1.0
 description:
-  - Reports where a restored server is: V(stopped), V(starting) (not yet accepting
+  - Reports the phase of a restored server, one of V(stopped), V(starting) (not yet accepting
     connections), V(recovering), V(paused) (at the recovery target), V(promoted) or V(failed)
     (the server stopped and its log shows why).
   - Reports the replay position (C(pg_last_wal_replay_lsn())), the last replayed commit time
     (C(pg_last_xact_replay_timestamp())), the timeline, and the lines of the server log since
     O(log_offset) that tell how recovery went, among them
-    C(FATAL:  recovery ended before configured recovery target was reached) and the
+    the FATAL line C(recovery ended before configured recovery target was reached) and the
     C(pitr-wal) fetch failures.
   - With O(target), confirms that replay stopped where asked, from the line PostgreSQL logs
     when it stops (C(recovery stopping before commit of transaction ...)) and from the replay
@@ -64,6 +64,7 @@ options:
 extends_documentation_fragment:
   - pitr.postgresql.connection
   - pitr.postgresql.connection.info_attributes
+  - pitr.postgresql.connection.action_group
 notes:
   - Connecting during recovery needs C(hot_standby=on), which the restore's settings include.
   - Supports PostgreSQL 13 and later; tested with PostgreSQL 15.

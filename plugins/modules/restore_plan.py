@@ -25,8 +25,8 @@ description:
     when the transaction or restore point is older than the newest backup).
   - Checks that every WAL segment from the backup's start to the segment where replay will
     stop is archived, following timeline history files. For a time target the stop segment is
-    found by reading commit times in the archived WAL with C(pg_waldump) (a binary search:
-    a few segments are read, not all). A target after the last archived commit, before the
+    found by reading commit times in the archived WAL with C(pg_waldump), in a binary search
+    (a few segments are read, not all). A target after the last archived commit, before the
     oldest backup, or behind a gap in the archive fails with the recoverable window and the
     nearest targets that would work.
   - Reports the plan as structured data; the role P(pitr.postgresql.pitr_restore#role) carries
