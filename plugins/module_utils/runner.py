@@ -182,6 +182,10 @@ def run(
         _kill_group(proc)
         proc.wait()
         raise
+    # Whatever the program left running in its process group (pg_basebackup's WAL streaming
+    # child, when pg_basebackup itself was killed) would keep our pipes open and keep writing:
+    # the command is over, so its helpers go too.
+    _kill_group(proc, leader_exited=True)
     for th in threads:
         th.join()
     result = CommandResult(
@@ -231,10 +235,12 @@ def _last_lines(text: str, count: int = 3) -> str:
     return " / ".join(lines[-count:])
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _kill_group(proc: subprocess.Popen[bytes], leader_exited: bool = False) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
+        if leader_exited:
+            return
         with suppress(ProcessLookupError):
             proc.kill()
 

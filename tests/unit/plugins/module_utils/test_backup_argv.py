@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -303,6 +305,22 @@ def test_runner_signal_death_is_negative_rc() -> None:
     )
     assert res.rc == -9
     assert "killed by SIGKILL" in runner.failure(res).msg
+
+
+def test_runner_does_not_wait_for_leftover_children() -> None:
+    # A program that exits while a child it started still holds our pipes (pg_basebackup
+    # killed while its WAL streamer runs): run() returns, and the child is gone.
+    code = (
+        "import subprocess, sys; p = subprocess.Popen(['sleep', '60']); print(p.pid); sys.exit(4)"
+    )
+    started = time.monotonic()
+    res = runner.run([sys.executable, "-c", code], check=False)
+    assert res.rc == 4
+    assert time.monotonic() - started < 20
+    child = int(res.stdout)
+    time.sleep(0.2)
+    stat_file = Path(f"/proc/{child}/stat")
+    assert not stat_file.exists() or stat_file.read_text().split()[2] == "Z"
 
 
 def test_runner_stderr_lines_split_on_cr() -> None:
