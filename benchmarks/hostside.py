@@ -1,0 +1,425 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The benchmark's code that runs where the host command runs: ``/usr/bin/python3 -I -S``.
+
+Standard library only (plus the distribution's codec libraries the host command finds).
+Three jobs, chosen by the first argument:
+
+``push-variant LIB VARIANTS ARGS...``
+    Run ``pitr-wal ARGS...`` exactly like PREFIX/bin/pitr-wal does, after monkeypatching a
+    benchmark-local change into the installed module_utils in LIB (``VARIANTS`` is a
+    comma-separated list, ``control`` for none). Each variant models one optimisation of the
+    push path so that its effect is measured end to end, in the same run as the original.
+``codecs LIB REPEAT SEGMENT...``
+    Compression and checksum throughput of the collection's own codecs, one core; JSON out.
+``stages LIB REPO_BASE SEGMENT...``
+    Time spent per stage inside the real ``archive.push`` (wrappers around the functions it
+    calls); JSON out.
+
+Only ``os`` and ``sys`` are imported up front: ``push-variant`` is itself timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import typing as t
+
+PKG = "ansible_collections.pitr.postgresql.plugins.module_utils"
+VARIANTS = (
+    "control",
+    "nofork",
+    "single-sha",
+    "writev",
+    "lazy-imports",
+    "zstd-mt",
+    "zstd-cli",
+    "nofsync",
+)
+# Imported by module_utils at the top but used only off the push path (command_for, the
+# program codecs, lock records): a lazy import would skip them.
+LAZY_MODULES = ("shlex", "subprocess", "shutil", "socket")
+
+
+# ---------------------------------------------------------------------------------------------
+# push-variant
+
+
+def _put_parts(storage: t.Any, key: str, parts: list[bytes]) -> None:
+    """PosixStorage.put with os.writev of the envelope pieces instead of one joined copy."""
+    from ansible_collections.pitr.postgresql.plugins.module_utils import storage as st
+
+    final = storage.path(key)
+    directory = os.path.dirname(final)
+    try:
+        storage._makedirs(directory)
+        tmp = os.path.join(
+            directory,
+            f"{st.TEMP_PREFIX}{os.path.basename(final)}.{os.getpid()}.{os.urandom(4).hex()}",
+        )
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise storage._error("write", key, exc) from exc
+    try:
+        try:
+            views = [memoryview(p) for p in parts]
+            while views:
+                written = os.writev(fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
+            st.os.fsync(fd)
+        finally:
+            os.close(fd)
+        storage._link_no_replace(tmp, final, key)
+        st._fsync_dir(directory)
+    except OSError as exc:
+        raise storage._error("write", key, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+class _Sha256Memo:
+    """``hashlib`` stand-in that hands the second sha256 of the same bytes the first result."""
+
+    def __init__(self, real: t.Any, shared: dict[str, t.Any]) -> None:
+        self._real = real
+        self._shared = shared
+
+    def sha256(self, data: bytes) -> t.Any:
+        if self._shared.get("data") is data:
+            return self._shared["hash"]
+        h = self._real.sha256(data)
+        self._shared["data"], self._shared["hash"] = data, h
+        return h
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self._real, name)
+
+
+class _NoFsyncOs:
+    """``os`` stand-in without fsync: only to attribute how much of a push is fsync."""
+
+    def fsync(self, fd: int) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(os, name)
+
+
+def apply_variants(lib: str, variants: t.Collection[str]) -> None:
+    """Monkeypatch the installed module_utils for ``variants`` (must precede their import)."""
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    sys.path.insert(0, lib)
+    if "lazy-imports" in variants:
+        for name in LAZY_MODULES:
+            sys.modules.setdefault(name, type(sys)(name))
+    from ansible_collections.pitr.postgresql.plugins.module_utils import (
+        archive,
+        compression,
+        hostcmd,
+        repository,
+        storage,
+    )
+
+    if "nofork" in variants:
+        import signal
+
+        def run_inline(work: t.Callable[[], int], timeout: float, fail_code: int, what: str) -> int:
+            # The same bound with SIGALRM in this process: no fork, no second address space.
+            if timeout <= 0:
+                return work()
+            previous = signal.signal(signal.SIGALRM, hostcmd._on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                return work()
+            except hostcmd._Timeout:
+                hostcmd.log(f"{what} FAILED: no answer within {timeout:g} s (--timeout)")
+                return fail_code
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+
+        hostcmd.run_bounded = run_inline
+    if "single-sha" in variants:
+        shared: dict[str, t.Any] = {}
+        memo = _Sha256Memo(archive.hashlib, shared)
+        archive.hashlib = memo  # type: ignore[assignment]
+        repository.hashlib = memo  # type: ignore[assignment]
+    if "writev" in variants:
+
+        def put_wal(
+            self: t.Any,
+            name: str,
+            data: bytes,
+            codec: str,
+            level: int | None = None,
+            sha256: str | None = None,
+        ) -> int:
+            payload = compression.compress(data, codec, level)
+            header = {
+                "v": 1,
+                "name": name,
+                "size": len(data),
+                "sha256": sha256 or repository.hashlib.sha256(data).hexdigest(),
+                "codec": codec,
+                "stored_size": len(payload),
+            }
+            raw = repository.json.dumps(header, sort_keys=True).encode()
+            head = b"".join((repository.ENVELOPE_MAGIC, repository._LEN.pack(len(raw)), raw))
+            _put_parts(self.storage, repository.wal_key(name), [head, payload])
+            return len(head) + len(payload)
+
+        repository.Repository.put_wal = put_wal  # type: ignore[method-assign]
+    if "zstd-mt" in variants:
+
+        def compress_mt(self: t.Any, data: bytes, level: int) -> bytes:
+            return bytes(self.mod.ZstdCompressor(level=level, threads=2).compress(data))
+
+        compression._ZstdLib.compress = compress_mt  # type: ignore[method-assign]
+    if "zstd-cli" in variants:
+        compression._cache["zstd"] = compression._Program("zstd", "/usr/bin/zstd")
+    if "nofsync" in variants:
+        storage.os = _NoFsyncOs()  # type: ignore[assignment]
+        storage._fsync_dir = lambda path: None
+
+
+def push_variant(argv: list[str]) -> int:
+    lib, variants = argv[0], [v for v in argv[1].split(",") if v and v != "control"]
+    apply_variants(lib, variants)
+    from ansible_collections.pitr.postgresql.plugins.module_utils.hostcmd import main
+
+    return main(argv[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# codecs
+
+
+def _read_segments(paths: t.Sequence[str]) -> list[bytes]:
+    out = []
+    for path in paths:
+        with open(path, "rb") as fh:
+            out.append(fh.read())
+    return out
+
+
+def _measure(fn: t.Callable[[], t.Any], repeat: int) -> dict[str, float]:
+    import time
+
+    walls, cpus = [], []
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    walls.sort()
+    cpus.sort()
+    return {"wall_s": walls[len(walls) // 2], "cpu_s": cpus[len(cpus) // 2]}
+
+
+def codecs(argv: list[str]) -> int:
+    import hashlib
+    import json
+    import resource
+
+    lib, repeat, paths = argv[0], int(argv[1]), argv[2:]
+    sys.path.insert(0, lib)
+    from ansible_collections.pitr.postgresql.plugins.module_utils import compression
+
+    segments = _read_segments(paths)
+    total = sum(len(s) for s in segments)
+    results: dict[str, t.Any] = {"input_bytes": total, "segments": len(segments), "codecs": {}}
+    plans: list[tuple[str, str, int, t.Any]] = [
+        ("zstd-1 (library)", "zstd", 1, None),
+        ("lz4-1 (library)", "lz4", 1, None),
+        ("gzip-6 (zlib)", "gzip", 6, None),
+        ("zstd-1 (zstd program, one process per segment)", "zstd", 1, "/usr/bin/zstd"),
+    ]
+    for label, name, level, program in plans:
+        if program:
+            if not os.path.exists(program):
+                continue
+            impl: t.Any = compression._Program(name, program)
+        else:
+            impl = compression._load(name)
+            if impl is None:
+                results["codecs"][label] = {"error": f"{name} not available"}
+                continue
+        compressed: list[bytes] = []
+
+        def do_compress(
+            impl: t.Any = impl, level: int = level, out: list[bytes] = compressed
+        ) -> None:
+            out.clear()
+            out.extend(impl.compress(s, level) for s in segments)
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        comp = _measure(do_compress, repeat)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        child_cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / repeat
+        stored = sum(len(c) for c in compressed)
+
+        def do_decompress(
+            impl: t.Any = impl, blobs: list[bytes] = compressed, label: str = label
+        ) -> None:
+            for blob, seg in zip(blobs, segments, strict=True):
+                if len(impl.decompress(blob, len(seg))) != len(seg):
+                    raise SystemExit(f"{label}: round trip changed the size")
+
+        decomp = _measure(do_decompress, repeat)
+        cpu = comp["cpu_s"] + child_cpu
+        results["codecs"][label] = {
+            "compress_wall_s": comp["wall_s"],
+            "compress_cpu_s": cpu,
+            "compress_mb_s_wall": total / 1e6 / comp["wall_s"],
+            "compress_mb_s_per_core": total / 1e6 / cpu if cpu else None,
+            "decompress_wall_s": decomp["wall_s"],
+            "decompress_mb_s_wall": total / 1e6 / decomp["wall_s"],
+            "stored_bytes": stored,
+            "ratio": stored / total,
+        }
+
+    def do_sha() -> None:
+        for s in segments:
+            hashlib.sha256(s).hexdigest()
+
+    sha = _measure(do_sha, repeat)
+    results["sha256"] = {"wall_s": sha["wall_s"], "mb_s": total / 1e6 / sha["wall_s"]}
+    json.dump(results, sys.stdout)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+class _Clock:
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.perf_counter
+        self.spent: dict[str, float] = {}
+
+    def wrap(self, label: str, fn: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+        def timed(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            started = self.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent[label] = self.spent.get(label, 0.0) + self.now() - started
+
+        return timed
+
+
+class _TimedFile:
+    def __init__(self, fh: t.Any, clock: _Clock) -> None:
+        self._fh = fh
+        self.read = clock.wrap("read source file", fh.read)
+
+    def __enter__(self) -> _TimedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+
+class _TimedOs:
+    def __init__(self, clock: _Clock) -> None:
+        self.write = clock.wrap("write tmp file", os.write)
+        self.fsync = clock.wrap("fsync tmp file", os.fsync)
+        self.link = clock.wrap("link + unlink tmp", os.link)
+        self.unlink = clock.wrap("link + unlink tmp", os.unlink)
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(os, name)
+
+
+def _fsync_dir_real(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stages(argv: list[str]) -> int:
+    import builtins
+    import hashlib
+    import json
+    import time
+
+    lib, repo_base, paths = argv[0], argv[1], argv[2:]
+    sys.path.insert(0, lib)
+    from ansible_collections.pitr.postgresql.plugins.module_utils import (
+        archive,
+        compression,
+        repository,
+        storage,
+    )
+
+    clock = _Clock()
+
+    class _Hash:
+        def __init__(self, label: str) -> None:
+            self.sha256 = clock.wrap(label, hashlib.sha256)
+
+    archive.hashlib = _Hash("sha256 #1 (archive.push)")  # type: ignore[assignment]
+    repository.hashlib = _Hash("sha256 #2 (encode_wal_object)")  # type: ignore[assignment]
+    compression.compress = clock.wrap("compress zstd-1", compression.compress)
+    repository.json = type(sys)("json")
+    repository.json.dumps = clock.wrap("json header", json.dumps)
+    repository.json.loads = json.loads
+    storage.os = _TimedOs(clock)  # type: ignore[assignment]
+    storage._fsync_dir = clock.wrap("fsync directory", _fsync_dir_real)
+    repo_cls = repository.Repository
+    repo_cls.identity = clock.wrap("identity + exists checks", repo_cls.identity)  # type: ignore[method-assign]
+    repo_cls.wal_header = clock.wrap("identity + exists checks", repo_cls.wal_header)  # type: ignore[method-assign]
+    real_open = builtins.open
+    archive.open = lambda *a, **k: _TimedFile(real_open(*a, **k), clock)  # type: ignore[attr-defined]
+
+    per_stage: dict[str, list[float]] = {}
+    totals: list[float] = []
+    for i, path in enumerate(paths):
+        repo_dir = os.path.join(repo_base, f"stages-{i}")
+        os.makedirs(repo_dir)
+        repo = repository.Repository.open_posix(repo_dir)
+        with real_open(path, "rb") as fh:
+            repo.ensure_identity(archive.identity_of_segment(fh.read(8192), path))
+        clock.spent = {}
+        started = time.perf_counter()
+        archive.push(repo, path, codec="zstd", level=1)
+        total = time.perf_counter() - started
+        totals.append(total * 1000)
+        accounted = 0.0
+        for label, spent in clock.spent.items():
+            per_stage.setdefault(label, []).append(spent * 1000)
+            accounted += spent
+        per_stage.setdefault("other (envelope copy, stat, mkdir, Python)", []).append(
+            (total - accounted) * 1000
+        )
+    json.dump({"total_ms": totals, "stages_ms": per_stage}, sys.stdout)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        raise SystemExit(__doc__)
+    job, rest = argv[0], argv[1:]
+    if job == "push-variant":
+        return push_variant(rest)
+    if job == "codecs":
+        return codecs(rest)
+    if job == "stages":
+        return stages(rest)
+    raise SystemExit(f"unknown job {job!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
