@@ -6,8 +6,11 @@
   server's OS user, in a directory that user can reach.
 - ``pitr_wal(program, *args, cwd=...)``: run it as the server's OS user exactly as PostgreSQL
   does (``/usr/bin/python3 -I -S PROGRAM ...``) and time it.
+- ``init_repo(program, repo, datadir)``: ``pitr-wal --repo REPO init --pgdata DATADIR`` as the
+  server's OS user, as the archiving role does before the server archives into it.
 - ``new_dir()``: a fresh directory owned by the server's OS user (repositories, staging).
-- ``tmpfs(size)``: a small tmpfs mounted for the test (needs root), unmounted afterwards.
+- ``tmpfs(size)``: a small tmpfs mounted for the test (needs root), unmounted afterwards;
+  ``umount()`` and ``mount_tmpfs()`` take it away and bring an empty one back meanwhile.
 - ``pg_quote()``: a string as a postgresql.conf value.
 """
 
@@ -101,6 +104,14 @@ def pitr_wal(
     return run([PYTHON, "-I", "-S", program, *args], cwd=cwd or "/", timeout=timeout)
 
 
+def init_repo(program: str, repo: str | os.PathLike[str], datadir: str | os.PathLike[str]) -> Run:
+    """Initialise ``repo`` for the cluster of ``datadir`` the way the archiving role does."""
+    result = pitr_wal(program, "--repo", str(repo), "init", "--pgdata", str(datadir))
+    assert result.rc == 0, str(result)
+    assert "init: repository " in result.stderr, str(result)
+    return result
+
+
 def new_dir(prefix: str = "pitr-it-", parent: str | None = None) -> Path:
     """A fresh directory owned by the server's OS user (remove it yourself)."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
@@ -191,8 +202,21 @@ def tmpfs(size: str) -> t.Iterator[Path]:
     # The mount point itself belongs to the server user too: once unmounted it is an empty
     # directory that user can read, as an unmounted repository mount point usually is.
     mountpoint = new_dir("pitr-tmpfs-")
+    proc = _mount_tmpfs(mountpoint, size)
+    if proc.returncode != 0:
+        mountpoint.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["umount", str(mountpoint)], check=False)
+        shutil.rmtree(mountpoint, ignore_errors=True)
+
+
+def _mount_tmpfs(mountpoint: Path, size: str) -> subprocess.CompletedProcess[str]:
     pw = pwd.getpwnam(DEFAULT_OS_USER)
-    proc = subprocess.run(
+    return subprocess.run(
         [
             "mount",
             "-t",
@@ -206,15 +230,12 @@ def tmpfs(size: str) -> t.Iterator[Path]:
         text=True,
         check=False,
     )
-    if proc.returncode != 0:
-        mountpoint.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        if os.path.ismount(mountpoint):
-            subprocess.run(["umount", str(mountpoint)], check=False)
-        shutil.rmtree(mountpoint, ignore_errors=True)
+
+
+def mount_tmpfs(mountpoint: Path, size: str) -> None:
+    """Mount a new, empty tmpfs on ``mountpoint`` again (after ``umount``)."""
+    proc = _mount_tmpfs(mountpoint, size)
+    assert proc.returncode == 0, proc.stderr
 
 
 def remount(mountpoint: Path, size: str) -> None:

@@ -29,7 +29,9 @@ from archive_fixtures import (
     as_server_user,
     assert_push_failed,
     files_below,
+    init_repo,
     install,
+    mount_tmpfs,
     new_dir,
     object_path,
     pg_quote,
@@ -110,9 +112,10 @@ def primary(program: str) -> t.Iterator[Primary]:
     repo = new_dir("pitr-repo-")
     cluster = PgCluster.create(conf=archiving_conf(program, repo))
     try:
+        # as the archiving role does it: the repository is initialised before the server
+        # archives into it (push never initialises one)
+        init_repo(program, repo, cluster.datadir)
         cluster.start()
-        init = pitr_wal(program, "--repo", str(repo), "init", "--pgdata", str(cluster.datadir))
-        assert init.rc == 0, str(init)
         yield Primary(cluster, repo)
     finally:
         cluster.destroy()
@@ -227,41 +230,53 @@ def test_differing_duplicate_push_fails_loudly_and_leaves_the_archive_untouched(
 SPIN_THEN_EXEC = 'go=$1; shift; until [ -e "$go" ]; do :; done; exec "$@"'
 
 
+def race_twice(go: Path, inner: list[str], cwd: Path) -> list[str]:
+    """Run ``inner`` twice at the same moment as the server user; their stderr, in order."""
+    # both processes spin until the go file appears, then exec pitr-wal at once
+    argv = ["/bin/sh", "-c", SPIN_THEN_EXEC, "sh", str(go), *inner]
+    procs = [
+        subprocess.Popen(as_server_user(argv), cwd=cwd, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    time.sleep(0.05)
+    go.touch()
+    errs = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, f"exit {proc.returncode}: {err}"
+        errs.append(err)
+    return errs
+
+
 def test_two_simultaneous_pushes_of_one_segment_both_exit_0(loaded: Primary, program: str) -> None:
     # archive_mode = always: a primary and its standby archive the same segment at once.
-    # Twenty rounds, each into a fresh repository (so the identity is raced for too), on a
-    # tmpfs: the race is in link() and rename(), and fsync on a busy disk only adds time.
+    # Twenty rounds, each into a fresh repository that two `pitr-wal init` race to initialise
+    # first (the role run on both hosts), on a tmpfs: the race is in link() and rename(),
+    # and fsync on a busy disk only adds time.
     from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
 
     name = archived_segments(loaded)[0]
     source = loaded.pg_wal / name
     want = source.read_bytes()
+    datadir = loaded.cluster.datadir
     with tmpfs("128m") as parent:
         for round_ in range(20):
             repo = parent / f"repo{round_}"
             repo.mkdir()
             give_to_server_user(repo)
-            go = parent / f"go{round_}"
-            inner = [PYTHON, "-I", "-S", program, "--repo", str(repo), "push", str(source)]
-            # both processes spin until the go file appears, then exec pitr-wal at once
-            argv = ["/bin/sh", "-c", SPIN_THEN_EXEC, "sh", str(go), *inner]
-            procs = [
-                subprocess.Popen(
-                    as_server_user(argv),
-                    cwd=loaded.cluster.datadir,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for _ in range(2)
-            ]
-            time.sleep(0.05)
-            go.touch()
-            outcomes = []
-            for proc in procs:
-                _, err = proc.communicate(timeout=60)
-                assert proc.returncode == 0, f"round {round_}: exit {proc.returncode}: {err}"
-                outcomes.append("already archived" if "already archived" in err else "archived")
-            assert sorted(outcomes) == ["already archived", "archived"], outcomes
+            init = [PYTHON, "-I", "-S", program, "--repo", str(repo), "init"]
+            errs = race_twice(parent / f"init{round_}", [*init, "--pgdata", str(datadir)], datadir)
+            said = sorted(
+                "initialised" if "init: repository initialised" in e else "already belongs to"
+                for e in errs
+            )
+            assert said == ["already belongs to", "initialised"], (round_, errs)
+            assert sorted(os.listdir(repo)) == ["pitr-repository.json"]
+
+            push = [PYTHON, "-I", "-S", program, "--repo", str(repo), "push", str(source)]
+            errs = race_twice(parent / f"go{round_}", push, datadir)
+            outcomes = ["already archived" if "already archived" in e else "archived" for e in errs]
+            assert sorted(outcomes) == ["already archived", "archived"], (round_, errs)
             assert sorted(files_below(repo)) == [
                 "pitr-repository.json",
                 str(object_path(repo, name).relative_to(repo)),
@@ -461,6 +476,7 @@ def test_disk_full_mid_copy_leaves_nothing_and_the_next_push_succeeds(
 ) -> None:
     name = archived_segments(loaded)[0]
     with tmpfs("3m") as repo:
+        init_repo(program, repo, loaded.cluster.datadir)
         push = ["--repo", str(repo), "--compress", "none", "push", f"pg_wal/{name}"]
         result = pitr_wal(program, *push, cwd=loaded.cluster.datadir)
         assert_push_failed(result, "No space left on device")
@@ -517,6 +533,108 @@ def test_unwritable_repository_is_counted_by_pg_stat_archiver(program: str) -> N
 
 
 # ---------------------------------------------------------------------------------------------
+# push only into an initialised repository: an unmounted one is an empty directory
+
+NOT_INITIALISED = (
+    "is not initialised (no pitr-repository.json)",
+    "check that it is mounted",
+    "`pitr-wal --repo PATH init --pgdata DATADIR`",
+)
+
+
+def test_push_into_an_uninitialised_repository_is_refused(
+    loaded: Primary, program: str, repo_dir: Path, out_dir: Path
+) -> None:
+    name = archived_segments(loaded)[0]
+    history = out_dir / "00000007.history"  # no page header: the data directory says who
+    history.write_text("1\t0/3000000\tno recovery target specified\n")
+    give_to_server_user(history)
+    paths = [f"pg_wal/{name}", str(history)]
+    for path in paths:
+        result = pitr_wal(
+            program, "--repo", str(repo_dir), "push", path, cwd=loaded.cluster.datadir
+        )
+        assert_push_failed(result, f"repository {repo_dir} is not initialised", *NOT_INITIALISED)
+        assert result.rc == 1
+        assert os.listdir(repo_dir) == []  # no identity made up, nothing stored
+
+    # initialised as the archiving role does it, the same pushes go through
+    init_repo(program, repo_dir, loaded.cluster.datadir)
+    for path in paths:
+        result = pitr_wal(
+            program, "--repo", str(repo_dir), "push", path, cwd=loaded.cluster.datadir
+        )
+        assert result.rc == 0, str(result)
+    assert sorted(archived_names(repo_dir)) == sorted([name, history.name])
+
+
+def test_archiving_into_an_unmounted_repository_is_refused_and_counted(
+    program: str, out_dir: Path
+) -> None:
+    # The repository's storage goes away under a running server: its mount point is left,
+    # an empty directory the server user can write to. Archiving there would fill the root
+    # disk with WAL nobody will find; every attempt must fail and be counted instead, and
+    # the segments wait in pg_wal until the storage is back.
+    with tmpfs("64m") as mnt:
+        cluster = PgCluster.create(conf=archiving_conf(program, mnt))
+        try:
+            init_repo(program, mnt, cluster.datadir)
+            cluster.start()
+            first = cluster.switch_wal()
+            wait_until(
+                lambda: cluster.scalar("SELECT last_archived_wal FROM pg_stat_archiver") == first,
+                30,
+                f"{first} to be archived",
+            )
+            assert archived_names(mnt) == [first]
+
+            umount(mnt)
+            assert os.listdir(mnt) == []
+            by_hand = pitr_wal(
+                program, "--repo", str(mnt), "push", f"pg_wal/{first}", cwd=cluster.datadir
+            )
+            assert_push_failed(by_hand, f"repository {mnt} is not initialised", *NOT_INITIALISED)
+
+            second = cluster.switch_wal()
+            wait_until(
+                lambda: cluster.scalar("SELECT failed_count FROM pg_stat_archiver") >= 2,
+                30,
+                "pg_stat_archiver.failed_count to grow",
+            )
+            row = cluster.sql(
+                "SELECT archived_count, last_archived_wal, last_failed_wal FROM pg_stat_archiver"
+            )[0]
+            assert row == (1, first, second)
+            assert second in cluster.ready_files()  # PostgreSQL keeps it for the next try
+            log = cluster.log_text()
+            codes = {
+                int(c) for c in re.findall(r"archive command failed with exit code (\d+)", log)
+            }
+            assert codes == {1}, codes
+            assert f"pitr-wal: push {second} FAILED: repository {mnt} is not initialised" in log
+            assert os.listdir(mnt) == []  # nothing went to the mount point's own disk
+
+            # the storage is back (a new, empty tmpfs here) and initialised again: the
+            # waiting segment is archived with the next one
+            mount_tmpfs(mnt, "64m")
+            init_repo(program, mnt, cluster.datadir)
+            third = cluster.switch_wal()
+            wait_until(
+                lambda: cluster.scalar("SELECT last_archived_wal FROM pg_stat_archiver") == third,
+                60,
+                f"{second} and {third} to be archived",
+            )
+            assert archived_names(mnt) == [second, third]
+            assert second not in cluster.ready_files()
+            for name in (second, third):
+                fetched, dest = fetch_to(program, mnt, name, out_dir)
+                assert fetched.rc == 0, str(fetched)
+                assert sha256_file(dest) == sha256_file(cluster.datadir / "pg_wal" / name)
+        finally:
+            cluster.destroy()
+
+
+# ---------------------------------------------------------------------------------------------
 # fetch: absent is 1, everything else is above 125
 
 
@@ -536,6 +654,7 @@ def test_fetch_of_a_corrupted_archived_file_exits_255_after_retries_and_writes_n
     loaded: Primary, program: str, repo_dir: Path, out_dir: Path
 ) -> None:
     name = archived_segments(loaded)[0]
+    init_repo(program, repo_dir, loaded.cluster.datadir)
     pushed = pitr_wal(
         program, "--repo", str(repo_dir), "push", f"pg_wal/{name}", cwd=loaded.cluster.datadir
     )
@@ -548,7 +667,7 @@ def test_fetch_of_a_corrupted_archived_file_exits_255_after_retries_and_writes_n
     assert result.rc == 255, str(result)
     assert result.elapsed >= 0.6  # it did retry, with the pause between attempts
     assert result.stderr.count("retrying") == 2
-    assert f"fetch {name} FAILED after 3 attempts" in result.stderr
+    assert f"fetch {name} FAILED after 3 attempt(s)" in result.stderr
     assert os.listdir(out_dir) == []
 
 
@@ -568,6 +687,7 @@ def test_fetch_when_the_repository_is_unmounted_exits_255_not_1(
 ) -> None:
     name = archived_segments(loaded)[0]
     with tmpfs("64m") as mnt:
+        init_repo(program, mnt, loaded.cluster.datadir)
         pushed = pitr_wal(
             program, "--repo", str(mnt), "push", f"pg_wal/{name}", cwd=loaded.cluster.datadir
         )
@@ -582,8 +702,7 @@ def test_fetch_when_the_repository_is_unmounted_exits_255_not_1(
             assert result.rc == 255, str(result)
             assert "no identity file" in result.stderr
         assert os.listdir(out_dir) == []
-        # and an archive_command into it must not fill the mount point's own disk unnoticed
-        # (push initialises an empty directory: that is the archiving role's job to prevent)
+        # (push into it is refused too: test_archiving_into_an_unmounted_repository_...)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,6 +865,18 @@ def test_hung_destination_times_out(
     assert fetch.rc == 255, str(fetch)
     assert "no answer from the repository within 2 s" in fetch.stderr
     assert 1.8 <= fetch.elapsed < 5, fetch.elapsed
+    assert os.listdir(out_dir) == []
+
+    # --timeout bounds each attempt: two hung attempts of 1 s with a 0.5 s pause, at most
+    # retries x (timeout + delay) and some start-up
+    fetch, _ = fetch_to(
+        program, repo_dir, name, out_dir, "--timeout", "1", "--retries", "2", "--retry-delay", "0.5"
+    )
+    assert fetch.rc == 255, str(fetch)
+    assert fetch.stderr.count(f"fetch {name} FAILED: no answer from the repository within 1 s") == 2
+    assert f"fetch {name}: attempt 1 of 2 failed; retrying" in fetch.stderr
+    assert f"fetch {name} FAILED after 2 attempt(s)" in fetch.stderr
+    assert 2 * 1 + 0.5 - 0.1 <= fetch.elapsed <= 2 * (1 + 0.5) + 2, fetch.elapsed
     assert os.listdir(out_dir) == []
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # nothing replaced it
 

@@ -45,8 +45,17 @@ def mem() -> MemoryStorage:
 
 
 @pytest.fixture
-def repo(mem: MemoryStorage) -> Repository:
+def fresh(mem: MemoryStorage) -> Repository:
+    """A repository nobody initialised (or an unmounted one: it looks the same)."""
     return Repository(mem)
+
+
+@pytest.fixture
+def repo(fresh: Repository) -> Repository:
+    """A repository initialised for cluster A, as `pitr-wal init --pgdata DATADIR` does."""
+    identity, created = fresh.ensure_identity(IDENT_A)
+    assert (identity, created) == (IDENT_A, True)
+    return fresh
 
 
 @pytest.fixture
@@ -73,25 +82,97 @@ def stored_objects(mem: MemoryStorage) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------------------------------------
-# push
+# push: only into an initialised repository
 
 
-def test_first_push_initialises_identity_from_the_segment_header(
-    repo: Repository, mem: MemoryStorage, pg_wal: Path
+def unknown_magic_segment() -> bytes:
+    """SEG2 as a future major would write it: a WAL magic no PostgreSQL release had yet."""
+    page = bytearray(wal_samples.TL1_SEG2_PAGE)
+    page[0:2] = (0xD1FE).to_bytes(2, "little")
+    return wal_samples.full_segment(bytes(page))
+
+
+CLUSTER_A_DATADIR = RepositoryIdentity(wal_samples.SYSID_A, 15, 0)
+
+UNINITIALISED_CASES = {
+    "segment": (SEG2, SEG2_DATA, None),
+    "segment, data directory known": (SEG2, SEG2_DATA, CLUSTER_A_DATADIR),
+    "1 MiB segment": (
+        "00000001000000000000000A",
+        wal_samples.full_segment(wal_samples.SEG1M_0A_PAGE, MiB),
+        None,
+    ),
+    "partial": (
+        "000000010000000000000003.partial",
+        wal_samples.full_segment(wal_samples.TL1_SEG3_PARTIAL_PAGE),
+        None,
+    ),
+    "history": (wal_samples.HISTORY_NAME, wal_samples.HISTORY_FILE, CLUSTER_A_DATADIR),
+    "history, no data directory": (wal_samples.HISTORY_NAME, wal_samples.HISTORY_FILE, None),
+    "backup history": (wal_samples.BACKUP_NAME, wal_samples.BACKUP_FILE, CLUSTER_A_DATADIR),
+    "unknown WAL magic": (SEG2, unknown_magic_segment(), None),
+}
+
+
+@pytest.mark.parametrize("case", list(UNINITIALISED_CASES))
+def test_push_into_an_uninitialised_repository_is_refused(
+    fresh: Repository, mem: MemoryStorage, pg_wal: Path, case: str
 ) -> None:
-    res = archive.push(repo, write(pg_wal, SEG2, SEG2_DATA), codec="none")
+    # An unmounted repository is an empty directory: initialising it on push would send WAL
+    # to the mount point's own disk without anyone noticing. Even a segment whose header
+    # carries the whole identity must not create it.
+    name, data, cluster = UNINITIALISED_CASES[case]
+    with pytest.raises(RepositoryError) as exc:
+        archive.push(fresh, write(pg_wal, name, data), codec="none", cluster=cluster)
+    assert not isinstance(exc.value, IdentityMismatchError)
+    msg = exc.value.msg
+    assert f"repository memory://test is not initialised (no {IDENTITY_KEY})" in msg
+    assert "check that it is mounted" in msg
+    assert "`pitr-wal --repo PATH init --pgdata DATADIR`" in msg
+    assert exc.value.context["wal"] == name
+    assert mem.objects == {}
+    assert mem.writes() == []  # not even an attempt
+    assert fresh.identity() is None
+
+
+def test_push_refused_before_init_is_archived_after_it(
+    fresh: Repository, mem: MemoryStorage, pg_wal: Path
+) -> None:
+    path = write(pg_wal, SEG2, SEG2_DATA)
+    with pytest.raises(RepositoryError, match="is not initialised"):
+        archive.push(fresh, path, codec="none")
+    # what `pitr-wal init --pgdata DATADIR` does for cluster A
+    assert fresh.ensure_identity(IDENT_A) == (IDENT_A, True)
+    res = archive.push(fresh, path, codec="none")
     assert (res.name, res.action, res.size, res.codec) == (SEG2, "archived", 16 * MiB, "none")
-    assert repo.identity() == IDENT_A
-    assert repo.get_wal(SEG2)[1] == SEG2_DATA
     assert res.stored_size == len(mem.objects[wal_key(SEG2)])
+    assert fresh.get_wal(SEG2)[1] == SEG2_DATA
+    assert fresh.identity() == IDENT_A
+    assert sorted(mem.objects) == [IDENTITY_KEY, wal_key(SEG2)]
 
 
-def test_push_with_1mib_segments(repo: Repository, pg_wal: Path) -> None:
+def test_push_with_1mib_segments(fresh: Repository, pg_wal: Path) -> None:
+    fresh.ensure_identity(IDENT_B)
     name = "00000001000000000000000A"
     data = wal_samples.full_segment(wal_samples.SEG1M_0A_PAGE, MiB)
-    archive.push(repo, write(pg_wal, name, data), codec="none")
-    assert repo.identity() == IDENT_B
-    assert repo.get_wal(name)[1] == data
+    res = archive.push(fresh, write(pg_wal, name, data), codec="none")
+    assert (res.action, res.size) == ("archived", MiB)
+    assert fresh.identity() == IDENT_B
+    assert fresh.get_wal(name)[1] == data
+
+
+def test_segment_size_differing_from_the_recorded_one_is_refused(
+    fresh: Repository, mem: MemoryStorage, pg_wal: Path
+) -> None:
+    # Same cluster and major as recorded, but 1 MiB segments where 16 MiB were recorded.
+    fresh.ensure_identity(RepositoryIdentity(wal_samples.SYSID_B, 15, 16 * MiB))
+    data = wal_samples.full_segment(wal_samples.SEG1M_0A_PAGE, MiB)
+    with pytest.raises(IdentityMismatchError) as exc:
+        archive.push(fresh, write(pg_wal, "00000001000000000000000A", data), codec="none")
+    assert "WAL segment size 1048576 is not the repository's 16777216" in exc.value.msg
+    assert "system identifier" not in exc.value.msg
+    assert "PostgreSQL 15 is not" not in exc.value.msg
+    assert stored_objects(mem) == {}
 
 
 @pytest.mark.parametrize("codec", ["none", "gzip", "zstd", "lz4", "auto"])
@@ -157,7 +238,6 @@ def test_differing_duplicate_fails_loudly_and_leaves_the_archive_alone(
 def test_differing_duplicate_of_a_history_file(
     repo: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
-    repo.ensure_identity(IDENT_A)
     name = wal_samples.HISTORY_NAME
     archive.push(repo, write(pg_wal, name, wal_samples.HISTORY_FILE))
     before = dict(mem.objects)
@@ -169,7 +249,6 @@ def test_differing_duplicate_of_a_history_file(
 def test_race_lost_to_an_identical_push_is_success(
     repo: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
-    repo.ensure_identity(IDENT_A)
     path = write(pg_wal, SEG2, SEG2_DATA)
 
     def the_other_archiver(key: str, data: bytes) -> None:
@@ -186,8 +265,6 @@ def test_race_lost_to_an_identical_push_is_success(
 def test_race_lost_to_a_differing_push_is_a_conflict(
     repo: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
-    repo.ensure_identity(IDENT_A)
-
     def the_other_archiver(key: str, data: bytes) -> None:
         Repository(mem).put_wal(SEG2, altered(SEG2_DATA), "none")
 
@@ -205,26 +282,28 @@ def test_segment_of_another_cluster_is_refused(
     foreign = wal_samples.full_segment(wal_samples.SEG1M_0A_PAGE, MiB)
     with pytest.raises(IdentityMismatchError, match="belongs to another cluster") as exc:
         archive.push(repo, write(pg_wal, "00000001000000000000000A", foreign), codec="none")
-    assert str(wal_samples.SYSID_B) in exc.value.msg
+    assert (
+        f"system identifier {wal_samples.SYSID_B} is not the repository's {wal_samples.SYSID_A}"
+        in exc.value.msg
+    )
     assert mem.objects == before
-    assert mem.writes()[-1] != wal_key("00000001000000000000000A")
+    assert wal_key("00000001000000000000000A") not in mem.writes()
 
 
 def test_segment_of_another_cluster_with_the_same_name_is_refused_not_a_conflict(
-    repo: Repository, mem: MemoryStorage, pg_wal: Path
+    fresh: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
     # The identity check comes first: the message must say "another cluster".
-    repo.ensure_identity(IDENT_B)
+    fresh.ensure_identity(IDENT_B)
     before = dict(mem.objects)
     with pytest.raises(IdentityMismatchError):
-        archive.push(repo, write(pg_wal, SEG2, SEG2_DATA), codec="none")
+        archive.push(fresh, write(pg_wal, SEG2, SEG2_DATA), codec="none")
     assert mem.objects == before
 
 
 def test_history_file_of_another_cluster_is_refused(
     repo: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
-    repo.ensure_identity(IDENT_A)
     path = write(pg_wal, wal_samples.HISTORY_NAME, wal_samples.HISTORY_FILE)
     with pytest.raises(IdentityMismatchError):
         archive.push(repo, path, cluster=RepositoryIdentity(wal_samples.SYSID_B, 15, 0))
@@ -234,9 +313,8 @@ def test_history_file_of_another_cluster_is_refused(
 def test_history_file_of_this_cluster_is_archived_byte_exactly(
     repo: Repository, pg_wal: Path, tmp_path: Path
 ) -> None:
-    repo.ensure_identity(IDENT_A)
     path = write(pg_wal, wal_samples.HISTORY_NAME, wal_samples.HISTORY_FILE)
-    res = archive.push(repo, path, cluster=RepositoryIdentity(wal_samples.SYSID_A, 15, 0))
+    res = archive.push(repo, path, cluster=CLUSTER_A_DATADIR)
     assert res.size == 41
     archive.fetch(repo, wal_samples.HISTORY_NAME, str(tmp_path / "RECOVERYHISTORY"))
     assert (tmp_path / "RECOVERYHISTORY").read_bytes() == wal_samples.HISTORY_FILE
@@ -245,21 +323,9 @@ def test_history_file_of_this_cluster_is_archived_byte_exactly(
 def test_backup_history_file_is_archived_byte_exactly(
     repo: Repository, pg_wal: Path, tmp_path: Path
 ) -> None:
-    repo.ensure_identity(IDENT_A)
     archive.push(repo, write(pg_wal, wal_samples.BACKUP_NAME, wal_samples.BACKUP_FILE))
     archive.fetch(repo, wal_samples.BACKUP_NAME, str(tmp_path / "out"))
     assert (tmp_path / "out").read_bytes() == wal_samples.BACKUP_FILE
-
-
-def test_file_without_header_cannot_initialise_a_repository(
-    repo: Repository, mem: MemoryStorage, pg_wal: Path
-) -> None:
-    path = write(pg_wal, wal_samples.HISTORY_NAME, wal_samples.HISTORY_FILE)
-    for cluster in (None, RepositoryIdentity(wal_samples.SYSID_A, 15, 0)):
-        with pytest.raises(RepositoryError, match="has no identity yet") as exc:
-            archive.push(repo, path, cluster=cluster)
-        assert "pitr-wal init" in exc.value.msg
-    assert mem.objects == {}
 
 
 def test_partial_is_archived_beside_the_full_segment_never_over_it(
@@ -291,7 +357,7 @@ def test_truncated_segment_is_refused(repo: Repository, mem: MemoryStorage, pg_w
     with pytest.raises(PitrError, match="refusing to archive a truncated segment") as exc:
         archive.push(repo, write(pg_wal, SEG2, SEG2_DATA[: 4 * MiB]), codec="none")
     assert "4194304 bytes" in exc.value.msg
-    assert mem.objects == {}
+    assert stored_objects(mem) == {}
 
 
 def test_segment_without_a_wal_header_is_refused(
@@ -299,7 +365,7 @@ def test_segment_without_a_wal_header_is_refused(
 ) -> None:
     with pytest.raises(PitrError, match="does not start with a WAL page header"):
         archive.push(repo, write(pg_wal, SEG2, bytes(16 * MiB)), codec="none")
-    assert mem.objects == {}
+    assert stored_objects(mem) == {}
 
 
 @pytest.mark.parametrize("name", ["RECOVERYXLOG", "000000010000000000000002.tmp", "xlogtemp.123"])
@@ -308,7 +374,7 @@ def test_push_of_a_non_wal_name_is_refused(
 ) -> None:
     with pytest.raises(PitrError, match="is not a WAL file name"):
         archive.push(repo, write(pg_wal, name, SEG2_DATA), codec="none")
-    assert mem.objects == {}
+    assert stored_objects(mem) == {}
 
 
 def test_push_of_a_missing_file(repo: Repository, pg_wal: Path) -> None:
@@ -320,52 +386,95 @@ def test_push_to_an_unreachable_repository_is_an_error(
     repo: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
     mem.unmounted = True
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match="is not accessible"):
         archive.push(repo, write(pg_wal, SEG2, SEG2_DATA), codec="none")
+    mem.unmounted = False
+    assert stored_objects(mem) == {}
 
 
 def test_push_when_the_write_fails_is_an_error(
     repo: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
-    repo.ensure_identity(IDENT_A)
     mem.fail_put = StorageError("cannot write: No space left on device (errno 28)")
     with pytest.raises(StorageError, match="No space left"):
         archive.push(repo, write(pg_wal, SEG2, SEG2_DATA), codec="none")
     assert stored_objects(mem) == {}
 
 
-def test_major_version_from_the_header_beats_the_data_directory(
-    repo: Repository, pg_wal: Path
+# ---------------------------------------------------------------------------------------------
+# push checks the identity: header first, the data directory where the header cannot tell
+
+
+def test_major_version_is_checked_from_the_header_not_the_data_directory(
+    repo: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
-    # The header's magic says PostgreSQL 15; PG_VERSION of the cwd is only a fallback.
-    archive.push(
+    # The header's magic says PostgreSQL 15, as recorded; a data directory saying 16 is only
+    # the fallback for headers that cannot tell, so it does not make the segment foreign.
+    res = archive.push(
         repo,
         write(pg_wal, SEG2, SEG2_DATA),
         codec="none",
         cluster=RepositoryIdentity(wal_samples.SYSID_A, 16, 0),
     )
+    assert res.action == "archived"
     assert repo.identity() == IDENT_A
+    assert repo.get_wal(SEG2)[1] == SEG2_DATA
 
 
-def test_unknown_wal_magic_takes_the_major_from_the_data_directory(
-    repo: Repository, pg_wal: Path
+def test_segment_whose_header_disagrees_with_the_recorded_major_is_refused(
+    fresh: Repository, mem: MemoryStorage, pg_wal: Path
 ) -> None:
-    page = bytearray(wal_samples.TL1_SEG2_PAGE)
-    page[0:2] = (0xD1FE).to_bytes(2, "little")  # a future major's magic
-    data = wal_samples.full_segment(bytes(page))
-    cluster = RepositoryIdentity(wal_samples.SYSID_A, 19, 0)
-    archive.push(repo, write(pg_wal, SEG2, data), codec="none", cluster=cluster)
-    assert repo.identity() == RepositoryIdentity(wal_samples.SYSID_A, 19, 16 * MiB)
+    # Recorded for PostgreSQL 16; a PostgreSQL 15 segment is refused even when the data
+    # directory (wrongly) agrees with the repository.
+    fresh.ensure_identity(RepositoryIdentity(wal_samples.SYSID_A, 16, 16 * MiB))
+    with pytest.raises(IdentityMismatchError) as exc:
+        archive.push(
+            fresh,
+            write(pg_wal, SEG2, SEG2_DATA),
+            codec="none",
+            cluster=RepositoryIdentity(wal_samples.SYSID_A, 16, 0),
+        )
+    assert "PostgreSQL 15 is not the repository's 16" in exc.value.msg
+    assert "system identifier" not in exc.value.msg
+    assert stored_objects(mem) == {}
 
 
-def test_unknown_wal_magic_without_data_directory_cannot_initialise(
-    repo: Repository, mem: MemoryStorage, pg_wal: Path
+@pytest.mark.parametrize(("datadir_major", "accepted"), [(19, True), (18, False)])
+def test_unknown_wal_magic_is_checked_against_the_data_directory_major(
+    fresh: Repository, mem: MemoryStorage, pg_wal: Path, datadir_major: int, accepted: bool
 ) -> None:
-    page = bytearray(wal_samples.TL1_SEG2_PAGE)
-    page[0:2] = (0xD1FE).to_bytes(2, "little")
-    with pytest.raises(RepositoryError, match="has no identity yet"):
-        archive.push(repo, write(pg_wal, SEG2, wal_samples.full_segment(bytes(page))))
-    assert mem.objects == {}
+    fresh.ensure_identity(RepositoryIdentity(wal_samples.SYSID_A, 19, 16 * MiB))
+    path = write(pg_wal, SEG2, unknown_magic_segment())
+    cluster = RepositoryIdentity(wal_samples.SYSID_A, datadir_major, 0)
+    if accepted:
+        assert archive.push(fresh, path, codec="none", cluster=cluster).action == "archived"
+        assert fresh.get_wal(SEG2)[1] == unknown_magic_segment()
+    else:
+        with pytest.raises(IdentityMismatchError) as exc:
+            archive.push(fresh, path, codec="none", cluster=cluster)
+        assert "PostgreSQL 18 is not the repository's 19" in exc.value.msg
+        assert stored_objects(mem) == {}
+    assert fresh.identity() == RepositoryIdentity(wal_samples.SYSID_A, 19, 16 * MiB)
+
+
+@pytest.mark.parametrize(("recorded_sysid", "accepted"), [("A", True), ("B", False)])
+def test_unknown_wal_magic_without_data_directory_still_checks_the_system_identifier(
+    fresh: Repository, mem: MemoryStorage, pg_wal: Path, recorded_sysid: str, accepted: bool
+) -> None:
+    sysid = {"A": wal_samples.SYSID_A, "B": wal_samples.SYSID_B}[recorded_sysid]
+    fresh.ensure_identity(RepositoryIdentity(sysid, 19, 16 * MiB))
+    path = write(pg_wal, SEG2, unknown_magic_segment())
+    if accepted:  # the major cannot be told, the system identifier and segment size can
+        assert archive.push(fresh, path, codec="none").action == "archived"
+    else:
+        with pytest.raises(IdentityMismatchError) as exc:
+            archive.push(fresh, path, codec="none")
+        assert (
+            f"system identifier {wal_samples.SYSID_A} is not the repository's"
+            f" {wal_samples.SYSID_B}" in exc.value.msg
+        )
+        assert "is not the repository's 19" not in exc.value.msg
+        assert stored_objects(mem) == {}
 
 
 def test_new_timeline_segment_with_old_timeline_header_is_archived(
@@ -374,6 +483,7 @@ def test_new_timeline_segment_with_old_timeline_header_is_archived(
     name = "000000020000000000000003"
     data = wal_samples.full_segment(wal_samples.TL2_SEG3_PAGE)
     assert archive.push(repo, write(pg_wal, name, data), codec="none").action == "archived"
+    assert repo.get_wal(name)[1] == data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -322,8 +322,9 @@ def _reap() -> None:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A repository, a pg_wal with a real segment, and a data directory for its cluster."""
+def bare_env(tmp_path: Path) -> dict[str, str]:
+    """An empty repository directory (never initialised, or an unmounted mount point), a
+    data directory of cluster A with a real segment in its pg_wal."""
     repo = tmp_path / "repo"
     repo.mkdir()
     pgdata = tmp_path / "data"
@@ -334,6 +335,15 @@ def env(tmp_path: Path) -> dict[str, str]:
     seg = pgdata / "pg_wal" / SEG2
     seg.write_bytes(SEG2_DATA)
     return {"repo": str(repo), "pgdata": str(pgdata), "seg": str(seg), "tmp": str(tmp_path)}
+
+
+@pytest.fixture
+def env(bare_env: dict[str, str], capfd: pytest.CaptureFixture[str]) -> dict[str, str]:
+    """``bare_env`` with the repository initialised as the archiving role does it."""
+    assert hostcmd.main(["--repo", bare_env["repo"], "init", "--pgdata", bare_env["pgdata"]]) == 0
+    assert "init: repository initialised" in capfd.readouterr().err
+    assert os.listdir(bare_env["repo"]) == ["pitr-repository.json"]
+    return bare_env
 
 
 def run_main(env: dict[str, str], *args: str, timeout: str = "0") -> int:
@@ -350,6 +360,30 @@ def test_push_then_fetch(env: dict[str, str], capfd: pytest.CaptureFixture[str])
     assert run_main(env, "fetch", SEG2, dest) == 0
     assert Path(dest).read_bytes() == SEG2_DATA
     assert f"fetch {SEG2}: restored 16.0 MiB" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["0", "30"])  # in the process itself, in a forked child
+@pytest.mark.parametrize("what", [SEG2, wal_samples.HISTORY_NAME])
+def test_push_into_an_uninitialised_repository_exits_1_and_stores_nothing(
+    bare_env: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+    timeout: str,
+) -> None:
+    # An unmounted repository is an empty directory: push must not make it a repository.
+    path = Path(bare_env["pgdata"], "pg_wal", what)
+    if what == wal_samples.HISTORY_NAME:
+        path.write_bytes(wal_samples.HISTORY_FILE)
+    monkeypatch.chdir(bare_env["pgdata"])  # as archive_command runs
+    code = run_main(bare_env, "push", f"pg_wal/{what}", timeout=timeout)
+    assert code == PUSH_FAILED
+    assert 1 <= code <= 125
+    err = capfd.readouterr().err
+    assert f"pitr-wal: push {what} FAILED: repository {bare_env['repo']} is not initialised" in err
+    assert "check that it is mounted" in err
+    assert "`pitr-wal --repo PATH init --pgdata DATADIR`" in err
+    assert os.listdir(bare_env["repo"]) == []
 
 
 def test_push_through_the_forked_child(env: dict[str, str]) -> None:
@@ -443,7 +477,10 @@ def test_fetch_corrupt_exits_255_after_retries_and_writes_nothing(
     assert code > 125
     err = capfd.readouterr().err
     assert err.count("retrying") == 2
-    assert f"fetch {SEG2} FAILED after 3 attempts" in err
+    assert f"fetch {SEG2}: attempt 1 of 3 failed; retrying" in err
+    assert f"fetch {SEG2}: attempt 2 of 3 failed; retrying" in err
+    assert err.count(f"fetch {SEG2}: {wal_key(SEG2)}: ") == 3  # the reason, each attempt
+    assert f"fetch {SEG2} FAILED after 3 attempt(s)" in err
     assert list(dest.parent.iterdir()) == []
 
 
@@ -474,6 +511,65 @@ def test_fetch_hung_past_timeout_exits_255(
     _reap()
 
 
+def test_fetch_bounds_each_attempt_by_the_timeout(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # --timeout bounds one attempt, not all of them: every hung attempt is given up after
+    # 0.5 s and the next one gets its own 0.5 s.
+    from ansible_collections.pitr.postgresql.plugins.module_utils import archive
+
+    monkeypatch.setattr(archive, "fetch", lambda *a, **k: time.sleep(30))
+    dest = Path(env["tmp"], "RECOVERYXLOG")
+    started = time.monotonic()
+    code = run_main(
+        env, "--retries", "3", "--retry-delay", "0.2", "fetch", SEG2, str(dest), timeout="0.5"
+    )
+    elapsed = time.monotonic() - started
+    assert code == FETCH_FATAL
+    err = capfd.readouterr().err
+    assert err.count(f"fetch {SEG2} FAILED: no answer from the repository within 0.5 s") == 3
+    assert err.count("retrying") == 2
+    assert f"fetch {SEG2} FAILED after 3 attempt(s)" in err
+    # three attempts of 0.5 s and two pauses of 0.2 s; at most retries x (timeout + delay)
+    assert 3 * 0.5 + 2 * 0.2 - 0.05 <= elapsed <= 3 * (0.5 + 0.2) + 1.5, elapsed
+    assert not dest.exists()
+    _reap()
+
+
+def test_fetch_attempt_after_a_hung_one_can_succeed(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from ansible_collections.pitr.postgresql.plugins.module_utils import archive
+
+    assert run_main(env, "push", env["seg"]) == 0
+    real_fetch = archive.fetch
+    hung_once = Path(env["tmp"], "hung-once")
+
+    def hang_the_first_time(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        if not hung_once.exists():  # each attempt is its own child: remember it on disk
+            hung_once.touch()
+            time.sleep(30)
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(archive, "fetch", hang_the_first_time)
+    dest = Path(env["tmp"], "RECOVERYXLOG")
+    capfd.readouterr()
+    started = time.monotonic()
+    code = run_main(
+        env, "--retries", "3", "--retry-delay", "0.1", "fetch", SEG2, str(dest), timeout="0.5"
+    )
+    elapsed = time.monotonic() - started
+    assert code == 0
+    assert dest.read_bytes() == SEG2_DATA
+    err = capfd.readouterr().err
+    assert err.count("no answer from the repository within 0.5 s") == 1
+    assert f"fetch {SEG2}: attempt 1 of 3 failed; retrying" in err
+    assert f"fetch {SEG2}: restored 16.0 MiB" in err
+    assert "attempt 2 of 3" not in err
+    assert 0.5 <= elapsed < 0.5 + 0.1 + 3, elapsed
+    _reap()
+
+
 @pytest.mark.parametrize(
     ("argv", "code"),
     [
@@ -495,7 +591,10 @@ def test_version(capfd: pytest.CaptureFixture[str]) -> None:
     assert capfd.readouterr().out.strip() == VERSION
 
 
-def test_init_from_a_data_directory(env: dict[str, str], capfd: pytest.CaptureFixture[str]) -> None:
+def test_init_from_a_data_directory(
+    bare_env: dict[str, str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    env = bare_env
     assert hostcmd.main(["--repo", env["repo"], "init", "--pgdata", env["pgdata"]]) == 0
     assert (
         f"initialised system identifier {wal_samples.SYSID_A}, PostgreSQL 15"
@@ -530,7 +629,8 @@ def test_init_of_another_cluster_fails(
     assert "belongs to another cluster" in capfd.readouterr().err
 
 
-def test_init_needs_an_identity(env: dict[str, str]) -> None:
+def test_init_needs_an_identity(bare_env: dict[str, str]) -> None:
+    env = bare_env
     assert hostcmd.main(["--repo", env["repo"], "init"]) == USAGE_FAILED
     assert hostcmd.main(["--repo", env["repo"], "init", "--pgdata", env["tmp"]]) == PUSH_FAILED
     assert not Path(env["repo"], "pitr-repository.json").exists()
@@ -540,7 +640,6 @@ def test_push_of_a_history_file_takes_identity_from_cwd(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # archive_command runs in the data directory: without --pgdata, cwd says who pushes.
-    assert hostcmd.main(["--repo", env["repo"], "init", "--pgdata", env["pgdata"]]) == 0
     hist = Path(env["pgdata"], "pg_wal", wal_samples.HISTORY_NAME)
     hist.write_bytes(wal_samples.HISTORY_FILE)
     monkeypatch.chdir(env["pgdata"])
@@ -584,7 +683,15 @@ def test_installed_program_version(program: str) -> None:
     assert (out.returncode, out.stdout.strip()) == (0, VERSION)
 
 
-def test_installed_program_push_and_fetch(program: str, env: dict[str, str]) -> None:
+def test_installed_program_push_and_fetch(program: str, bare_env: dict[str, str]) -> None:
+    env = bare_env
+    out = run_program(program, "--repo", env["repo"], "push", f"pg_wal/{SEG2}", cwd=env["pgdata"])
+    assert out.returncode == PUSH_FAILED, out.stderr
+    assert "is not initialised" in out.stderr
+    assert os.listdir(env["repo"]) == []
+    out = run_program(program, "--repo", env["repo"], "init", "--pgdata", env["pgdata"])
+    assert out.returncode == 0, out.stderr
+    assert f"init: repository initialised system identifier {wal_samples.SYSID_A}" in out.stderr
     out = run_program(program, "--repo", env["repo"], "push", f"pg_wal/{SEG2}", cwd=env["pgdata"])
     assert out.returncode == 0, out.stderr
     assert re.search(r"stored as (zstd|lz4|none)", out.stderr)

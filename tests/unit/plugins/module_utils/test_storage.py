@@ -443,13 +443,19 @@ def test_get_of_unreadable_object_is_a_storage_error(
 ) -> None:
     posix.put(KEY, b"x")
     real_open = open
+    denied: list[str] = []
 
     def deny(path: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
         if str(path) == posix.path(KEY):
+            denied.append(str(path))
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr("io.open", deny)
+    # storage.py reads objects with the builtin open() (not io.open: ruff UP020)
+    monkeypatch.setattr("builtins.open", deny)
     with pytest.raises(StorageError, match="Permission denied") as exc:
         posix.get(KEY)
+    monkeypatch.undo()
+    assert denied == [posix.path(KEY)]
     assert not isinstance(exc.value, ObjectNotFoundError)
+    assert posix.get(KEY) == b"x"  # the object itself was fine all along
