@@ -1,0 +1,380 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The archiving role, run for real: ``ansible-playbook playbooks/setup_archiving.yml``.
+
+Each test runs the playbook against localhost (connection local) and a scratch PostgreSQL
+cluster started with pg_ctl, so the role restarts it with ``archiving_restart_method: pg_ctl``.
+The Debian ``postgresql@VERSION-main`` (systemd) path is covered by the Molecule scenario.
+
+Needs root: the role installs root-owned files and becomes the ``postgres`` user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import typing as t
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from ansible_runner import collections_path
+from pgcluster import PgCluster, give_to_server_user
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYBOOK = ROOT / "playbooks" / "setup_archiving.yml"
+HOST_PYTHON = "/usr/bin/python3"
+
+if str(collections_path()) not in sys.path:
+    sys.path.append(collections_path())
+
+from ansible_collections.pitr.postgresql.plugins.module_utils.hostcmd import (  # noqa: E402
+    archive_command_for,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (  # noqa: E402
+    Repository,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.version import (  # noqa: E402
+    VERSION,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the archiving role installs root-owned files: run as root"
+)
+
+RECAP = re.compile(
+    r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)",
+    re.MULTILINE,
+)
+PROOF = re.compile(r"Archiving works: WAL segment (?P<segment>[0-9A-F]{24}) was archived")
+
+
+@dataclass
+class PlaybookRun:
+    rc: int
+    output: str
+
+    @property
+    def recap(self) -> dict[str, int]:
+        """The PLAY RECAP line of localhost as numbers."""
+        found = [m for m in RECAP.finditer(self.output) if m["host"] == "localhost"]
+        assert len(found) == 1, f"no single PLAY RECAP line for localhost in:\n{self.output}"
+        return {k: int(v) for k, v in found[0].groupdict().items() if k != "host"}
+
+    @property
+    def proven_segment(self) -> str:
+        match = PROOF.search(self.output)
+        assert match, f"the role did not report its proof:\n{self.output[-6000:]}"
+        return match["segment"]
+
+    def changed_tasks(self) -> list[str]:
+        """The task headers followed by a 'changed' line (for failure messages)."""
+        sections = re.split(r"^(?=TASK \[|RUNNING HANDLER \[)", self.output, flags=re.MULTILINE)
+        return [
+            section.split(" *", 1)[0]
+            for section in sections
+            if section.startswith(("TASK [", "RUNNING HANDLER ["))
+            and re.search(r"^changed:", section, re.MULTILINE)
+        ]
+
+    def handler_ran(self, name: str) -> bool:
+        """True when the handler ran and reported a change (not skipped)."""
+        pattern = rf"RUNNING HANDLER \[[^\]]*: {re.escape(name)}\] \*+\nchanged:"
+        return re.search(pattern, self.output) is not None
+
+
+class RoleTarget:
+    """A scratch cluster plus where the role puts the command and the repository."""
+
+    def __init__(self, cluster: PgCluster, workdir: Path) -> None:
+        self.cluster = cluster
+        self.workdir = workdir
+        self.prefix = workdir / "prefix"
+        self.repository = cluster.basedir / "repository"
+        self.inventory = workdir / "inventory.yml"
+
+    @property
+    def program(self) -> str:
+        return str(self.prefix / "bin" / "pitr-wal")
+
+    def host_vars(self) -> dict[str, t.Any]:
+        return {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": HOST_PYTHON,
+            "pitr_repository_path": str(self.repository),
+            "pitr_install_prefix": str(self.prefix),
+            "archiving_login_unix_socket": str(self.cluster.sockdir),
+            "archiving_login_port": self.cluster.port,
+            "archiving_restart_method": "pg_ctl",
+            "archiving_pg_bindir": self.cluster.bindir,
+            "archiving_pg_ctl_log_file": str(self.cluster.logfile),
+        }
+
+    def run(
+        self,
+        *,
+        check: bool = False,
+        fqcn: bool = False,
+        extra: dict[str, t.Any] | None = None,
+    ) -> PlaybookRun:
+        """Run the playbook (by path, or by its collection name with ``fqcn``)."""
+        hostvars = {**self.host_vars(), **(extra or {})}
+        inventory = {"postgresql": {"hosts": {"localhost": hostvars}}}
+        self.inventory.write_text(json.dumps(inventory, indent=2), encoding="utf-8")
+        playbook = "pitr.postgresql.setup_archiving" if fqcn else str(PLAYBOOK)
+        argv = [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            str(self.inventory),
+            playbook,
+        ]
+        if check:
+            argv += ["--check", "--diff"]
+        env = dict(os.environ)
+        env.update(
+            {
+                "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+                "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+                "ANSIBLE_COLLECTIONS_PATH": collections_path(),
+                "ANSIBLE_NOCOLOR": "1",
+                "ANSIBLE_FORCE_COLOR": "0",
+                "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
+                "ANSIBLE_RETRY_FILES_ENABLED": "0",
+            }
+        )
+        proc = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        return PlaybookRun(proc.returncode, proc.stdout)
+
+    # what the server and the disk say ----------------------------------------------------
+    def start_time(self) -> t.Any:
+        return self.cluster.scalar("SELECT pg_postmaster_start_time()")
+
+    def settings(self) -> dict[str, tuple[str, bool]]:
+        """Running value and pending_restart of the four archiving settings."""
+        rows = self.cluster.sql(
+            "SELECT name, setting, pending_restart FROM pg_settings WHERE name IN"
+            " ('wal_level', 'archive_mode', 'archive_command', 'archive_timeout')"
+        )
+        return {str(name): (str(value), bool(pending)) for name, value, pending in rows}
+
+    def expected_archive_command(self) -> str:
+        """What hostcmd (the one Python implementation) builds for the role's defaults."""
+        return archive_command_for(
+            program=self.program,
+            repo=str(self.repository),
+            python=HOST_PYTHON,
+            compress="auto",
+            timeout=60,
+        )
+
+    def fetch(self, segment: str, dest: Path) -> subprocess.CompletedProcess[str]:
+        """``pitr-wal fetch`` as the server's OS user, the way restore_command would."""
+        argv = [HOST_PYTHON, "-I", "-S", self.program, "--repo", str(self.repository)]
+        argv += ["fetch", segment, str(dest)]
+        return subprocess.run(
+            ["runuser", "-u", self.cluster.os_user, "--", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
+
+
+MakeRoleTarget = t.Callable[..., RoleTarget]
+
+
+@pytest.fixture
+def make_role_target(make_pg_cluster: t.Callable[..., PgCluster]) -> t.Iterator[MakeRoleTarget]:
+    """Factory: ``make_role_target(conf=None)``: a started scratch cluster for the role."""
+    workdirs: list[Path] = []
+
+    def make(conf: dict[str, str] | None = None) -> RoleTarget:
+        workdir = Path(tempfile.mkdtemp(prefix="pitr-role-"))
+        workdirs.append(workdir)
+        workdir.chmod(0o755)  # the postgres user must reach the installed command
+        return RoleTarget(make_pg_cluster(conf=conf), workdir)
+
+    yield make
+    for workdir in workdirs:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_until_archived(repo: Repository, segment: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while repo.wal_header(segment) is None:
+        assert time.monotonic() < deadline, f"{segment} not archived within {timeout} s"
+        time.sleep(0.2)
+
+
+def module_utils_sources() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (ROOT / "plugins" / "module_utils").glob("*.py")}
+
+
+def mode_and_owner(path: Path) -> tuple[str, int]:
+    st = path.lstat()
+    return oct(stat.S_IMODE(st.st_mode)), st.st_uid
+
+
+@pytest.mark.timeout(900)  # three playbook runs
+def test_check_mode_then_converge_then_nothing_to_change(make_role_target: MakeRoleTarget) -> None:
+    target = make_role_target()
+    cluster = target.cluster
+    started = target.start_time()
+    settings_before = target.settings()
+    auto_conf_before = cluster.auto_conf()
+    assert settings_before["archive_mode"] == ("off", False)
+
+    # 1. Check mode before the first converge: predicts changes, changes nothing.
+    run = target.run(check=True)
+    assert run.rc == 0, run.output
+    assert run.recap["failed"] == 0
+    assert run.recap["changed"] > 0, "check mode predicted no change on an unconfigured server"
+    assert "the end-to-end proof" in run.output and "is skipped" in run.output
+    assert target.start_time() == started, "check mode restarted the server"
+    assert target.settings() == settings_before
+    assert cluster.auto_conf() == auto_conf_before
+    assert not target.prefix.exists(), "check mode installed the command"
+    assert not target.repository.exists(), "check mode created the repository"
+
+    # 2. Converge (the playbook by path): settings, restart for archive_mode, proof.
+    sources_before = module_utils_sources()
+    run = target.run()
+    assert run.rc == 0, run.output
+    assert run.recap["failed"] == 0 and run.recap["changed"] > 0
+    settings = target.settings()
+    assert settings["archive_mode"] == ("on", False)
+    assert settings["wal_level"] == ("replica", False)
+    assert settings["archive_command"] == (target.expected_archive_command(), False)
+    assert cluster.show("archive_timeout") == "1min"
+    assert run.handler_ran("Restart PostgreSQL with pg_ctl"), run.output
+    restarted = target.start_time()
+    assert restarted > started, "archive_mode changed but the server was not restarted"
+
+    # The command is installed root-owned and readable, the version behind lib/current.
+    lib = target.prefix / "lib"
+    assert os.readlink(lib / "current") == VERSION
+    package = lib / VERSION / "ansible_collections" / "pitr" / "postgresql" / "plugins"
+    for directory in (target.prefix, target.prefix / "bin", lib, package / "module_utils"):
+        assert mode_and_owner(directory) == ("0o755", 0), directory
+    for level in (package.parents[2], package.parents[1], package.parents[0], package):
+        assert mode_and_owner(level / "__init__.py") == ("0o644", 0), level
+    # A source file edited while the role ran (a shared working tree) proves nothing.
+    steady = {n: b for n, b in module_utils_sources().items() if sources_before.get(n) == b}
+    assert steady, "every module_utils file changed during the run: nothing to compare"
+    for name, content in steady.items():
+        installed = package / "module_utils" / name
+        assert mode_and_owner(installed) == ("0o644", 0), installed
+        assert installed.read_bytes() == content, installed
+    assert mode_and_owner(Path(target.program)) == ("0o755", 0)
+    version = subprocess.run([target.program, "version"], capture_output=True, text=True)
+    assert (version.returncode, version.stdout.strip()) == (0, VERSION), version.stderr
+
+    # The repository belongs to postgres, mode 0700, and to this cluster.
+    pw_uid = Path(cluster.datadir).stat().st_uid
+    assert mode_and_owner(target.repository) == ("0o700", pw_uid)
+    repo = Repository.open_posix(str(target.repository))
+    identity = repo.identity()
+    assert identity is not None
+    sysid = cluster.scalar("SELECT system_identifier FROM pg_control_system()")
+    assert (identity.system_identifier, identity.pg_major) == (int(sysid), 15)
+    assert repo.wal_header(run.proven_segment) is not None
+
+    # 3. Second run (the playbook by its collection name): nothing changes, no restart,
+    # and the proof runs again on a new segment.
+    first_proof = run.proven_segment
+    run = target.run(fqcn=True)
+    assert run.rc == 0, run.output
+    assert run.recap["changed"] == 0, f"second run changed {run.changed_tasks()}:\n{run.output}"
+    assert run.recap["failed"] == 0
+    assert not run.handler_ran("Restart PostgreSQL with pg_ctl")
+    assert target.start_time() == restarted, "the second run restarted the server"
+    assert run.proven_segment > first_proof
+    assert repo.wal_header(run.proven_segment) is not None
+
+    # 4. A WAL switch forced now reaches the repository and fetches back byte for byte.
+    segment = cluster.switch_wal()
+    original = (cluster.datadir / "pg_wal" / segment).read_bytes()
+    wait_until_archived(repo, segment)
+    scratch = Path(tempfile.mkdtemp(prefix="pitr-fetch-", dir=cluster.basedir))
+    give_to_server_user(scratch)
+    fetched = target.fetch(segment, scratch / segment)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (scratch / segment).read_bytes() == original
+    failed_count = cluster.scalar("SELECT failed_count FROM pg_stat_archiver")
+    assert failed_count == 0
+
+
+def test_no_restart_when_archive_mode_is_already_on(make_role_target: MakeRoleTarget) -> None:
+    target = make_role_target(conf={"archive_mode": "on"})
+    started = target.start_time()
+
+    run = target.run()
+
+    assert run.rc == 0, run.output
+    assert not run.handler_ran("Restart PostgreSQL with pg_ctl"), run.output
+    assert target.start_time() == started, "restarted although only archive_command changed"
+    assert target.settings()["archive_command"] == (target.expected_archive_command(), False)
+    assert Repository.open_posix(str(target.repository)).wal_header(run.proven_segment)
+
+
+def test_restart_not_allowed_stops_with_the_settings_written(
+    make_role_target: MakeRoleTarget,
+) -> None:
+    target = make_role_target()
+    cluster = target.cluster
+    started = target.start_time()
+
+    run = target.run(extra={"archiving_restart_allowed": False})
+
+    assert run.rc != 0 and run.recap["failed"] == 1, run.output
+    assert "archiving_restart_allowed is false" in run.output
+    assert target.start_time() == started
+    assert target.settings()["archive_mode"] == ("off", True)  # written, waiting for restart
+    assert "archive_mode = 'on'" in cluster.auto_conf()
+    assert "Archiving works" not in run.output
+
+
+def test_proof_fails_with_the_archive_info_reasons(make_role_target: MakeRoleTarget) -> None:
+    target = make_role_target(conf={"archive_mode": "on"})
+    cluster = target.cluster
+    # A repository whose WAL area cannot be created: every push fails.
+    target.repository.mkdir(mode=0o700)
+    give_to_server_user(target.repository)
+    (target.repository / "wal").write_text("not a directory\n")
+
+    run = target.run(extra={"archiving_prove_timeout": 10})
+
+    assert run.rc != 0 and run.recap["failed"] == 1, run.output
+    assert "did not reach" in run.output
+    assert "archive_info reasons: failing" in run.output, run.output[-4000:]
+    assert cluster.scalar("SELECT failed_count FROM pg_stat_archiver") > 0
+
+
+def test_argument_specs_document_every_default() -> None:
+    """meta/argument_specs.yml and defaults/main.yml name the same variables and defaults."""
+    role = ROOT / "roles" / "archiving"
+    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text(encoding="utf-8"))
+    specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text(encoding="utf-8"))
+    options = specs["argument_specs"]["main"]["options"]
+    assert sorted(options) == sorted(defaults)
+    for name, spec in options.items():
+        assert spec.get("default") == defaults[name], name
+        assert spec.get("description"), name
