@@ -31,6 +31,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.repository import 
     RepositoryIdentity,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
+    LONG_HEADER_SIZE,
     PARTIAL,
     SEGMENT,
     WalFileName,
@@ -61,11 +62,15 @@ class FetchResult:
     codec: str
 
 
-def cluster_identity_from_datadir(datadir: str) -> RepositoryIdentity | None:
+def cluster_identity_from_datadir(
+    datadir: str, with_segment_size: bool = False
+) -> RepositoryIdentity | None:
     """System identifier and major version of the cluster whose data directory is given.
 
     ``archive_command`` runs with the data directory as working directory, so the host
     command can learn who is pushing even for files without a page header (.history).
+    With ``with_segment_size`` the WAL segment size is read from a segment's page header in
+    ``pg_wal`` (its offset in pg_control differs between majors); 0 when none is readable.
     Returns None when the directory is not readable as a data directory.
     """
     try:
@@ -75,7 +80,28 @@ def cluster_identity_from_datadir(datadir: str) -> RepositoryIdentity | None:
             major = int(fh.read().strip().split(".")[0])
     except (OSError, ValueError):
         return None
-    return RepositoryIdentity(sysid, major, 0)
+    return RepositoryIdentity(
+        sysid, major, _segment_size_in(datadir, sysid) if with_segment_size else 0
+    )
+
+
+def _segment_size_in(datadir: str, sysid: int) -> int:
+    wal_dir = os.path.join(datadir, "pg_wal")
+    try:
+        names = sorted(os.listdir(wal_dir), reverse=True)
+    except OSError:
+        return 0
+    for name in names:
+        if len(name) != 24:
+            continue
+        try:
+            with open(os.path.join(wal_dir, name), "rb") as fh:
+                header = parse_long_page_header(fh.read(LONG_HEADER_SIZE))
+        except (OSError, ValueError):
+            continue
+        if header.system_identifier == sysid:
+            return header.segment_size
+    return 0
 
 
 def identity_of_segment(data: bytes, name: str) -> RepositoryIdentity:

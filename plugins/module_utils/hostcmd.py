@@ -41,7 +41,7 @@ PROG = "pitr-wal"
 USAGE = f"""usage: {PROG} --repo PATH [options] push WAL_PATH
        {PROG} --repo PATH [options] fetch WAL_NAME DEST_PATH
        {PROG} --repo PATH init (--pgdata DIR | --system-identifier N --pg-major N)
-                                [--segment-size BYTES]
+                                [--segment-size BYTES (default: read from DIR/pg_wal)]
 options:
   --repo PATH          the repository directory (required)
   --compress CODEC     auto (zstd, else lz4, else none), zstd, lz4, gzip or none [auto]
@@ -67,7 +67,7 @@ class Options:
         self.pgdata = ""
         self.system_identifier = 0
         self.pg_major = 0
-        self.segment_size = 16 * 1024 * 1024
+        self.segment_size = 0  # init: from the data directory's WAL, else 16 MiB
         self.action = ""
         self.args: list[str] = []
 
@@ -262,20 +262,21 @@ def _init(opts: Options) -> int:
         RepositoryIdentity,
     )
 
-    sysid, major = opts.system_identifier, opts.pg_major
+    sysid, major, seg_size = opts.system_identifier, opts.pg_major, opts.segment_size
     if opts.pgdata:
-        found = archive.cluster_identity_from_datadir(opts.pgdata)
+        found = archive.cluster_identity_from_datadir(opts.pgdata, with_segment_size=True)
         if found is None:
             log(f"init FAILED: {opts.pgdata} is not a readable PostgreSQL data directory")
             return PUSH_FAILED
         sysid, major = sysid or found.system_identifier, major or found.pg_major
+        seg_size = seg_size or found.wal_segment_size
     if not sysid or not major:
         log("init FAILED: give --pgdata, or --system-identifier and --pg-major")
         return USAGE_FAILED
     try:
         repo = Repository.open_posix(opts.repo)
         identity, created = repo.ensure_identity(
-            RepositoryIdentity(sysid, major, opts.segment_size)
+            RepositoryIdentity(sysid, major, seg_size or 16 * 1024 * 1024)
         )
     except PitrError as exc:
         log(f"init FAILED: {exc.msg}")

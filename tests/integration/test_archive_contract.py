@@ -893,3 +893,19 @@ def test_pitr_wal_runs_as_python_isolated_and_fast(program: str) -> None:
         timings.append(time.monotonic() - started)
         assert out.stdout.strip()
     assert min(timings) < 0.5, timings
+
+
+def test_init_records_the_clusters_own_segment_size(program: str, repo_dir: Path) -> None:
+    """`init --pgdata` reads the segment size from the cluster's WAL, not a 16 MiB default."""
+    cluster = PgCluster.create(initdb_args=["--wal-segsize=1"])
+    try:
+        result = init_repo(program, repo_dir, cluster.datadir)
+        assert "WAL segment size 1048576" in result.stderr, str(result)
+        name = sorted(n for n in os.listdir(cluster.datadir / "pg_wal") if len(n) == 24)[0]
+        pushed = pitr_wal(
+            program, "--repo", str(repo_dir), "push", f"pg_wal/{name}", cwd=cluster.datadir
+        )
+        assert pushed.rc == 0, str(pushed)
+        assert archived_names(repo_dir) == [name]
+    finally:
+        shutil.rmtree(cluster.basedir, ignore_errors=True)
