@@ -33,6 +33,8 @@ VARIANTS = (
     "single-sha",
     "writev",
     "lazy-imports",
+    "lean-imports",
+    "mmap",
     "zstd-mt",
     "zstd-cli",
     "nofsync",
@@ -44,6 +46,51 @@ LAZY_MODULES = ("shlex", "subprocess", "shutil", "socket")
 
 # ---------------------------------------------------------------------------------------------
 # push-variant
+
+
+def _plain_dataclasses() -> t.Any:
+    """A ``dataclasses`` stand-in: what hand-written classes cost at import (nothing).
+
+    The real module imports inspect, ast, dis and tokenize and generates code per class; this
+    covers what module_utils use (frozen, order, asdict) for the push path only.
+    """
+    mod = type(sys)("dataclasses")
+
+    def dataclass(cls: t.Any = None, **options: t.Any) -> t.Any:
+        def wrap(c: t.Any) -> t.Any:
+            names = list(c.__dict__.get("__annotations__", {}))  # noqa: RUF063 (no inspect)
+            defaults = {n: c.__dict__[n] for n in names if n in c.__dict__}
+
+            def __init__(self: t.Any, *args: t.Any, **kwargs: t.Any) -> None:
+                values = dict(defaults)
+                values.update(zip(names, args, strict=False))
+                values.update(kwargs)
+                for n in names:
+                    object.__setattr__(self, n, values[n])
+
+            def key(self: t.Any) -> tuple[t.Any, ...]:
+                return tuple(getattr(self, n) for n in names)
+
+            c.__init__ = __init__
+            c.__eq__ = lambda a, b: type(a) is type(b) and key(a) == key(b)
+            c.__hash__ = lambda a: hash(key(a))
+            c.__repr__ = lambda a: f"{type(a).__name__}{key(a)!r}"
+            if options.get("order"):
+                c.__lt__ = lambda a, b: key(a) < key(b)
+                c.__le__ = lambda a, b: key(a) <= key(b)
+                c.__gt__ = lambda a, b: key(a) > key(b)
+                c.__ge__ = lambda a, b: key(a) >= key(b)
+            c.__dataclass_fields__ = dict.fromkeys(names)
+            return c
+
+        return wrap if cls is None else wrap(cls)
+
+    def asdict(obj: t.Any) -> dict[str, t.Any]:
+        return {n: getattr(obj, n) for n in obj.__dataclass_fields__}
+
+    mod.dataclass = dataclass  # type: ignore[attr-defined]
+    mod.asdict = asdict  # type: ignore[attr-defined]
+    return mod
 
 
 def _put_parts(storage: t.Any, key: str, parts: list[bytes]) -> None:
@@ -101,6 +148,42 @@ class _Sha256Memo:
         return getattr(self._real, name)
 
 
+class _MmapSource:
+    """open() stand-in for archive.py: a whole-file read() returns a read-only mmap.
+
+    Saves the 16 MiB copy into a new bytes object (and its page faults); hashlib, zstandard,
+    lz4 and bytes.join all take the mapping through the buffer protocol.
+    """
+
+    def __init__(self, path: str, mode: str) -> None:
+        import builtins
+
+        self._fh = builtins.open(path, mode)  # noqa: SIM115 (closed by __exit__)
+
+    def read(self, n: int = -1) -> t.Any:
+        if n is not None and n >= 0:
+            return self._fh.read(n)
+        import mmap
+
+        if os.fstat(self._fh.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __enter__(self) -> _MmapSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+
+def _mmap_open(path: str, mode: str = "r", *args: t.Any, **kwargs: t.Any) -> t.Any:
+    if mode == "rb" and not args and not kwargs:
+        return _MmapSource(path, mode)
+    import builtins
+
+    return builtins.open(path, mode, *args, **kwargs)
+
+
 class _NoFsyncOs:
     """``os`` stand-in without fsync: only to attribute how much of a push is fsync."""
 
@@ -117,9 +200,11 @@ def apply_variants(lib: str, variants: t.Collection[str]) -> None:
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     sys.path.insert(0, lib)
-    if "lazy-imports" in variants:
+    if "lazy-imports" in variants or "lean-imports" in variants:
         for name in LAZY_MODULES:
             sys.modules.setdefault(name, type(sys)(name))
+    if "lean-imports" in variants:
+        sys.modules.setdefault("dataclasses", _plain_dataclasses())
     from ansible_collections.pitr.postgresql.plugins.module_utils import (
         archive,
         compression,
@@ -177,6 +262,8 @@ def apply_variants(lib: str, variants: t.Collection[str]) -> None:
             return len(head) + len(payload)
 
         repository.Repository.put_wal = put_wal  # type: ignore[method-assign]
+    if "mmap" in variants:
+        archive.open = _mmap_open  # type: ignore[attr-defined]
     if "zstd-mt" in variants:
 
         def compress_mt(self: t.Any, data: bytes, level: int) -> bytes:

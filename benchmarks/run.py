@@ -73,7 +73,7 @@ def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--startup-runs", type=int, default=50, help="runs per start-up command [50]")
     p.add_argument(
-        "--compress-segments", type=int, default=16, help="segments in the compression corpus [16]"
+        "--compress-segments", type=int, default=8, help="segments in the compression corpus [8]"
     )
     p.add_argument("--compress-repeat", type=int, default=3, help="runs per codec (median) [3]")
     p.add_argument(
