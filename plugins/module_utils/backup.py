@@ -206,7 +206,8 @@ def identify_argv(bindir: str) -> list[str]:
         "--no-align",
         "--tuples-only",
         "--field-separator=|",
-        "--dbname=replication=true",
+        # dbname "replication", as pg_basebackup sets it: the password file is looked up by it
+        "--dbname=dbname=replication replication=true",
         "--command=IDENTIFY_SYSTEM",
         "--command=SHOW server_version",
         "--command=SHOW wal_segment_size",
@@ -730,13 +731,6 @@ class _ProgressWriter:
             self.repo.storage.delete(self.key)
 
 
-def ensure_repository_identity(repo: Repository, server: ServerInfo) -> None:
-    """The repository must belong to this cluster (recorded on first use)."""
-    repo.ensure_identity(
-        RepositoryIdentity(server.system_identifier, server.pg_major, server.wal_segment_size)
-    )
-
-
 def take_backup(
     repo: Repository,
     label: str,
@@ -1087,9 +1081,17 @@ def run_base_backup(
     server = identify_server(bindir, env)
     check_versions(client_major, server.pg_major)
     identity = repo.identity()
+    if identity is None:
+        # Never initialise here: an unmounted repository looks empty, and a backup written
+        # into the bare mount point would fill the wrong disk (pitr-wal push refuses too).
+        raise BackupError(
+            f"repository {repo.describe()} has no identity yet: set up archiving into it first"
+            " (the pitr.postgresql.archiving role, or `pitr-wal --repo PATH init --pgdata"
+            " DATADIR`), or check that its storage is mounted",
+            repository=repo.describe(),
+        )
     wanted = RepositoryIdentity(server.system_identifier, server.pg_major, server.wal_segment_size)
-    if identity is not None:
-        repo.check_identity(wanted, identity)
+    repo.check_identity(wanted, identity)
     staging_dir = posix_storage(repo).path(repo.backup_staging_prefix(label))
     argv = basebackup_argv(
         bindir, staging_dir, label, opts, client_major=client_major, server_major=server.pg_major
@@ -1103,7 +1105,6 @@ def run_base_backup(
         )
         out = BackupOutcome(planned, True, argv, message="check mode: no backup taken")
         return _result(out, check_mode)
-    ensure_repository_identity(repo, server)
     out = take_backup(
         repo,
         label,
@@ -1207,3 +1208,70 @@ def backup_info(params: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         "in_progress": in_progress(repo),
         "warnings": warnings,
     }
+
+
+# The pitr-backup host command (the systemd timer runs it) --------------------------------------
+
+HOST_USAGE = """usage: pitr-backup --repo PATH [options]
+
+Take, verify and catalogue one base backup (what the base_backup module does), for a systemd
+timer or cron. Progress goes to stderr (the journal); the result is one JSON object on stdout.
+Exit status: 0 when the backup is usable (or a recent one made it unnecessary), 1 otherwise.
+"""
+
+
+def host_main(argv: t.Sequence[str] | None = None) -> int:
+    """``pitr-backup``: the base_backup module as a command on the database host."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="pitr-backup", usage=HOST_USAGE)
+    parser.add_argument("--repo", required=True, dest="repository_path")
+    parser.add_argument("--label", default="")
+    parser.add_argument("--format", choices=FORMATS, default="tar")
+    parser.add_argument("--compress", dest="compression", default=DEFAULT_COMPRESSION)
+    parser.add_argument("--checkpoint", choices=CHECKPOINTS, default="fast")
+    parser.add_argument("--manifest-checksums", choices=CHECKSUM_CHOICES, default="auto")
+    parser.add_argument("--max-rate", default="")
+    parser.add_argument("--min-interval", default="0")
+    parser.add_argument("--pg-bindir", default=None)
+    parser.add_argument("--host", dest="login_host", default=None)
+    parser.add_argument("--socket-dir", dest="login_unix_socket", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--user", dest="login_user", default=None)
+    parser.add_argument("--passfile", default=None)
+    parser.add_argument("--timeout", type=int, default=0)
+    parser.add_argument("--lock-wait", type=int, default=0)
+    args = parser.parse_args(argv)
+    params = vars(args)
+
+    def say(text: str) -> None:
+        sys.stderr.write(f"pitr-backup: {text}\n")
+        sys.stderr.flush()
+
+    last = [0.0]
+
+    def on_progress(p: Progress) -> None:
+        if time.monotonic() - last[0] >= 30 or p.percent >= 100.0:
+            last[0] = time.monotonic()
+            say(f"{p.label}: {p.done_bytes >> 20} of {p.total_bytes >> 20} MiB ({p.percent}%)")
+
+    try:
+        result = run_base_backup(params, on_progress=on_progress)
+    except PitrError as exc:
+        say(f"FAILED: {exc.msg}")
+        print(json.dumps({"failed": True, "msg": exc.msg}))
+        return 1
+    rec = result["backup"]
+    if result.get("failed"):
+        say(f"FAILED: {result['msg']}")
+    elif result["changed"]:
+        say(
+            f"backup {rec['label']} verified: {rec['cluster_size'] >> 20} MiB backed up,"
+            f" {rec['size_on_disk'] >> 20} MiB stored, pg_basebackup {result['backup_seconds']} s,"
+            f" verification {result['verify_seconds']} s"
+        )
+    else:
+        say(f"nothing to do: {result['msg']}")
+    print(json.dumps(result, sort_keys=True))
+    return 1 if result.get("failed") else 0

@@ -45,25 +45,9 @@ options:
     description:
       - Directory of C(pg_waldump). Default the newest installed PostgreSQL.
     type: path
-attributes:
-  check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying
-      target. This module only reads, so check mode changes nothing.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed, when in diff mode.
-    support: N/A
-    details: This module changes nothing.
-  idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second
-      invocation indicates no change.
-    support: full
-  action_group:
-    description: Use C(group/pitr.postgresql.postgresql) in C(module_defaults) to set defaults
-      for this module.
-    support: full
-    membership:
-      - pitr.postgresql.postgresql
+extends_documentation_fragment:
+  - pitr.postgresql.connection.info_attributes
+  - pitr.postgresql.connection.action_group
 notes:
   - Supports repositories of PostgreSQL 13 and later; tested with PostgreSQL 15.
   - Timelines are reported separately. A backup taken on an earlier timeline can also reach a

@@ -127,6 +127,7 @@ options:
     default: 0
 extends_documentation_fragment:
   - pitr.postgresql.connection
+  - pitr.postgresql.connection.action_group
 attributes:
   check_mode:
     description: Can run in check_mode and return changed status prediction without modifying
@@ -142,12 +143,6 @@ attributes:
     support: partial
     details: Idempotent with a fixed O(label) or with O(min_interval); the default label is the
       current time, so every run takes a new backup.
-  action_group:
-    description: Use C(group/pitr.postgresql.postgresql) in C(module_defaults) to set defaults
-      for this module.
-    support: full
-    membership:
-      - pitr.postgresql.postgresql
 notes:
   - Supports PostgreSQL 13 and later; tested with PostgreSQL 15. Server-side compression needs
     PostgreSQL 15.
