@@ -182,7 +182,8 @@ def test_parse_versions() -> None:
 def test_identify_argv_and_parse() -> None:
     args = b.identify_argv("/usr/lib/postgresql/15/bin")
     assert args[0] == "/usr/lib/postgresql/15/bin/psql"
-    assert "--dbname=dbname=replication replication=true" in args and "--command=IDENTIFY_SYSTEM" in args
+    assert "--dbname=dbname=replication replication=true" in args
+    assert "--command=IDENTIFY_SYSTEM" in args
     # recorded: psql -At against PostgreSQL 15.18
     out = "7712112821732407675|1|0/63000000|\n15.18 (Debian 15.18-0+deb12u1)\n16MB\n"
     info = b.parse_identify(out)
