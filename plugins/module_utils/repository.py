@@ -10,7 +10,9 @@ Layout (keys in the storage)::
     backups/<label>/...                       base backups (files and backup.json catalog record)
     staging/backups/<label>/                  a base backup being taken (POSIX: renamed into
                                               backups/<label>/ when complete)
-    dumps/<label>/...                         logical dumps
+    dumps/<label>/...                         logical dumps (files and dump.json catalog record)
+    staging/dumps/<label>/                    a logical dump being written (POSIX: renamed into
+                                              dumps/<label>/ with its record when complete)
     locks/<name>.lock                         named locks (storage-level)
 
 Every archived WAL file is one object: an envelope (magic, header length, JSON header with
@@ -349,3 +351,12 @@ class Repository:
     @staticmethod
     def dump_prefix(label: str) -> str:
         return f"{DUMP_PREFIX}/{label}"
+
+    @staticmethod
+    def dump_record_key(label: str) -> str:
+        return f"{DUMP_PREFIX}/{label}/dump.json"
+
+    @staticmethod
+    def dump_staging_prefix(label: str) -> str:
+        """Where a logical dump is written while it is taken (never read by restore)."""
+        return f"{STAGING_PREFIX}/{DUMP_PREFIX}/{label}"
