@@ -120,7 +120,7 @@ def candidate_bindirs() -> list[str]:
             if m and os.path.isfile(os.path.join(d, "pg_basebackup")):
                 found.append((int(m[1]), d))
     found.sort(reverse=True)
-    dirs = [d for _, d in found]
+    dirs = [d for _major, d in found]
     on_path = shutil.which("pg_basebackup")
     if on_path:
         d = os.path.dirname(os.path.realpath(on_path))
@@ -354,7 +354,7 @@ def basebackup_argv(
     if compression == "none":
         return argv
     where, rest = compression.split("-", 1)
-    method, _, detail = rest.partition(":")
+    method, _sep, detail = rest.partition(":")
     if client_major >= 15:
         if where == "server" and server_major < 15:
             raise BackupError(
@@ -881,7 +881,7 @@ def verify_backup(
         if not record.stop_lsn:
             # pg_basebackup itself failed: nothing to verify, nothing to change.
             return BackupOutcome(record, False, [], message=record.verification.get("message", ""))
-        report, _ = verify_directory(
+        report, _captured = verify_directory(
             storage.path(repo.backup_prefix(label)),
             record.backup_format,
             bindir=bindir,
@@ -1260,7 +1260,7 @@ def host_main(argv: t.Sequence[str] | None = None) -> int:
         result = run_base_backup(params, on_progress=on_progress)
     except PitrError as exc:
         say(f"FAILED: {exc.msg}")
-        print(json.dumps({"failed": True, "msg": exc.msg}))
+        sys.stdout.write(json.dumps({"failed": True, "msg": exc.msg}) + "\n")
         return 1
     rec = result["backup"]
     if result.get("failed"):
@@ -1273,5 +1273,5 @@ def host_main(argv: t.Sequence[str] | None = None) -> int:
         )
     else:
         say(f"nothing to do: {result['msg']}")
-    print(json.dumps(result, sort_keys=True))
+    sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
     return 1 if result.get("failed") else 0

@@ -228,7 +228,7 @@ def _crc32c_table() -> list[int]:
     table = []
     for i in range(256):
         crc = i
-        for _ in range(8):
+        for _bit in range(8):
             crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
         table.append(crc)
     return table
@@ -384,7 +384,7 @@ def _pax_path(data: bytes) -> dict[str, str]:
             break
         length = int(data[pos:space])
         record = data[space + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
+        key, _sep, value = record.partition(b"=")
         out[key.decode()] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out

@@ -135,8 +135,8 @@ def run(
     err_text: list[str] = []
 
     def pump_stdout() -> None:
-        assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read(65536), b""):  # type: ignore[union-attr]
+        stream = t.cast(io.BufferedReader, proc.stdout)
+        for chunk in iter(lambda: stream.read(65536), b""):
             out_chunks.append(chunk)
 
     def pump_stderr() -> None:
@@ -163,13 +163,13 @@ def run(
     for th in threads:
         th.start()
     if input_data is not None:
-        assert proc.stdin is not None
+        stdin = t.cast(io.BufferedWriter, proc.stdin)
         try:
-            proc.stdin.write(input_data)
+            stdin.write(input_data)
         except BrokenPipeError:
             pass
         finally:
-            proc.stdin.close()
+            stdin.close()
     timed_out = False
     try:
         proc.wait(timeout=timeout)
@@ -278,7 +278,8 @@ def stream_stdout(
     err: list[bytes] = []
     th = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
     th.start()
-    assert proc.stdout is not None
+    if proc.stdout is None:  # pragma: no cover - stdout=PIPE always gives one
+        raise CommandError(f"no output pipe for {cmd[0]}", cmd=cmd)
     completed = False
     try:
         yield t.cast(t.BinaryIO, proc.stdout)

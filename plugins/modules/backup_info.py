@@ -56,7 +56,7 @@ notes:
 seealso:
   - module: pitr.postgresql.base_backup
 author:
-  - pitr.postgresql developers
+  - pitr.postgresql developers (@pitr-postgresql)
 """
 
 EXAMPLES = r"""
@@ -85,8 +85,8 @@ EXAMPLES = r"""
 RETURN = r"""
 backups:
   description:
-    - Catalog records (see M(pitr.postgresql.base_backup) RV(backup)), newest first, each
-      with C(usable).
+    - Catalog records (see the C(backup) result of M(pitr.postgresql.base_backup)), newest
+      first, each with C(usable).
   returned: always
   type: list
   elements: dict

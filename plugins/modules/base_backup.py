@@ -158,7 +158,7 @@ seealso:
     description: The PostgreSQL documentation of pg_basebackup.
     link: https://www.postgresql.org/docs/current/app-pgbasebackup.html
 author:
-  - pitr.postgresql developers
+  - pitr.postgresql developers (@pitr-postgresql)
 """
 
 EXAMPLES = r"""

@@ -321,7 +321,7 @@ def test_window_ends_at_the_last_commit(env: Env) -> None:
     assert not result.failed, result.msg
     with env.cluster.connect() as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS marker (at timestamptz)")
-        for _ in range(3):
+        for _row in range(3):
             conn.execute("INSERT INTO marker VALUES (clock_timestamp())")
         row = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
     assert row is not None

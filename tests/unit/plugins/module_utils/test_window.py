@@ -2,7 +2,6 @@
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The recoverable window per timeline, gaps, and pg_waldump COMMIT parsing."""
 
-# ruff: noqa: E501 (recorded tool output keeps its real line length)
 from __future__ import annotations
 
 import typing as t
@@ -202,12 +201,19 @@ def test_find_gaps_other_segment_size() -> None:
 
 
 # pg_waldump --rmgr=Transaction output recorded from PostgreSQL 15.18 with TZ=UTC
-WALDUMP = """\
-rmgr: Transaction len (rec/tot):    405/   405, tx:        746, lsn: 0/63015E78, prev 0/63015E30, desc: COMMIT 2026-11-25 14:23:18.193372 UTC; inval msgs: catcache 80 catcache 79 snapshot 2608 relcache 16410
-rmgr: Transaction len (rec/tot):     34/    34, tx:        747, lsn: 0/63016068, prev 0/63016028, desc: COMMIT 2026-11-25 14:23:18.194219 UTC
-rmgr: Transaction len (rec/tot):     34/    34, tx:        748, lsn: 0/63016108, prev 0/630160C8, desc: ABORT 2026-11-25 14:23:18.197990 UTC
-pg_waldump: error: error in WAL record at 0/63016108: invalid record length at 0/63016130: wanted 24, got 0
-"""
+WALDUMP = "".join(
+    [
+        "rmgr: Transaction len (rec/tot):    405/   405, tx:        746, lsn: 0/63015E78,"
+        " prev 0/63015E30, desc: COMMIT 2026-11-25 14:23:18.193372 UTC; inval msgs:"
+        " catcache 80 catcache 79 snapshot 2608 relcache 16410\n",
+        "rmgr: Transaction len (rec/tot):     34/    34, tx:        747, lsn: 0/63016068,"
+        " prev 0/63016028, desc: COMMIT 2026-11-25 14:23:18.194219 UTC\n",
+        "rmgr: Transaction len (rec/tot):     34/    34, tx:        748, lsn: 0/63016108,"
+        " prev 0/630160C8, desc: ABORT 2026-11-25 14:23:18.197990 UTC\n",
+        "pg_waldump: error: error in WAL record at 0/63016108: invalid record length at"
+        " 0/63016130: wanted 24, got 0\n",
+    ]
+)
 
 
 def test_parse_waldump_xacts() -> None:
