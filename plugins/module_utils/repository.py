@@ -13,6 +13,8 @@ Layout (keys in the storage)::
     dumps/<label>/...                         logical dumps (files and dump.json catalog record)
     staging/dumps/<label>/                    a logical dump being written (POSIX: renamed into
                                               dumps/<label>/ with its record when complete)
+    pins/<kind>/<label>.json                  retention pins (kind: backups or dumps): a pinned
+                                              backup or dump is never pruned
     locks/<name>.lock                         named locks (storage-level)
 
 Every archived WAL file is one object: an envelope (magic, header length, JSON header with
@@ -54,6 +56,7 @@ REPOSITORY_FORMAT = 1
 WAL_PREFIX = "wal"
 BACKUP_PREFIX = "backups"
 DUMP_PREFIX = "dumps"
+PIN_PREFIX = "pins"
 STAGING_PREFIX = "staging"
 ENVELOPE_MAGIC = b"PITRWAL1"
 _LEN = struct.Struct(">I")
@@ -360,3 +363,17 @@ class Repository:
     def dump_staging_prefix(label: str) -> str:
         """Where a logical dump is written while it is taken (never read by restore)."""
         return f"{STAGING_PREFIX}/{DUMP_PREFIX}/{label}"
+
+    @staticmethod
+    def pin_prefix(kind: str) -> str:
+        """Where the retention pins of ``kind`` (``backups`` or ``dumps``) are kept."""
+        return f"{PIN_PREFIX}/{kind}"
+
+    @staticmethod
+    def pin_key(kind: str, label: str) -> str:
+        """The pin of one backup or dump: while it exists, retention never removes it.
+
+        Kept outside ``backups/<label>/``, so that a backup's own files (which
+        ``pg_verifybackup`` compares with the manifest) never change.
+        """
+        return f"{PIN_PREFIX}/{kind}/{label}.json"
