@@ -867,7 +867,7 @@ def clone_settings(port: int | None) -> dict[str, str]:
 class RecoveryPlan:
     """Everything the restore will do; ``to_dict`` is the module's structured output."""
 
-    action: str  # restore | resume | none
+    decision: str  # restore | resume | none
     reason: str
     target: RecoveryTarget
     fingerprint: str
@@ -1016,7 +1016,7 @@ def plan_recovery(
     target = request.target
     fingerprint = request_fingerprint(request)
     action, reason = decide_action(request, fingerprint, data_dir)
-    plan = RecoveryPlan(action=action, reason=reason, target=target, fingerprint=fingerprint)
+    plan = RecoveryPlan(decision=action, reason=reason, target=target, fingerprint=fingerprint)
     if action != "restore":
         plan.state = data_dir.restore_state or data_dir.staging_state
         plan.data_dir = {

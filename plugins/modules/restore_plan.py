@@ -207,7 +207,7 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
-action:
+decision:
   description:
     - V(restore) (a full restore), V(resume) (a restore to this target was interrupted and can
       continue) or V(none) (the data directory records a finished restore to this target).
@@ -232,7 +232,7 @@ fingerprint:
   sample: 4f0c3b8a6a1d4c1e9f7e2b3a5c6d7e8f
 backup:
   description: The backup chosen (catalog fields, its path and how to lay it down).
-  returned: when action is restore
+  returned: when decision is restore
   type: dict
   sample:
     label: 20261125T090000Z
@@ -246,7 +246,7 @@ backup:
              wal_decompress: zstd}
 timeline:
   description: The timeline requested, the number it resolved to and the path of timelines.
-  returned: when action is restore
+  returned: when decision is restore
   type: dict
   sample: {requested: latest, resolved: 1, backup_timeline: 1,
            path: [{timeline: 1, begin_lsn: 0/0, end_lsn: null}]}
@@ -254,7 +254,7 @@ wal:
   description:
     - The WAL to replay. C(last) is the segment where replay stops (exact for time, LSN and
       immediate targets; for xid, name and latest the end of the unbroken archived WAL).
-  returned: when action is restore
+  returned: when decision is restore
   type: dict
   sample: {first: "000000010000000000000005", last: "000000010000000000000009", segments: 5,
            stored_bytes: 9437184, bytes: 83886080, last_is_exact: true, end_lsn: 0/A000000,
@@ -285,7 +285,7 @@ data_dir:
            staging_dir: /var/lib/postgresql/15/main.pitr-staging}
 space:
   description: The space the restore needs beside the data directory and what is free.
-  returned: when action is restore
+  returned: when decision is restore
   type: dict
   sample: {needed_bytes: 3221225472, available_bytes: 53687091200, ok: true}
 settings:
@@ -332,13 +332,13 @@ pg_bindir:
   sample: /usr/lib/postgresql/15/bin
 programs:
   description: The programs the restore runs (all present, or the module fails).
-  returned: when action is restore
+  returned: when decision is restore
   type: list
   elements: str
   sample: [/usr/lib/postgresql/15/bin/pg_ctl, tar, zstd]
 waldump_calls:
   description: How many times C(pg_waldump) read an archived segment for this plan.
-  returned: when action is restore
+  returned: when decision is restore
   type: int
   sample: 7
 """
@@ -469,7 +469,7 @@ def main() -> None:
             fingerprint = recovery.request_fingerprint(request)
             action, reason = recovery.decide_action(request, fingerprint, state)
             result.update(
-                action=action,
+                decision=action,
                 reason=reason,
                 target=target.to_dict(),
                 fingerprint=fingerprint,
@@ -498,7 +498,7 @@ def main() -> None:
                 segment_size=identity.wal_segment_size,
             )
             result["waldump_calls"] = inspector.calls
-        if plan.action == "restore":
+        if plan.decision == "restore":
             result["programs"] = recovery.required_programs(plan.backup["layout"], bindir)
             check_programs(result["programs"], p["pitr_wal"], p["python"])
             check_backup_files(plan.backup)

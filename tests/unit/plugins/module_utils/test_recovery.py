@@ -627,7 +627,7 @@ def test_missing_history_file_for_an_explicit_timeline() -> None:
 
 def test_plan_moves_the_data_directory_aside_under_a_dated_name() -> None:
     p = plan(parse_target(target="latest"), [B_OLD], segments(1, 2, 9))
-    assert p.action == "restore"
+    assert p.decision == "restore"
     dd = p.data_dir
     assert dd["old_data_dir"] == "/var/lib/postgresql/15/main.pitr-old-20261125T120000Z"
     assert dd["staging_dir"] == "/var/lib/postgresql/15/main.pitr-staging"
@@ -669,20 +669,20 @@ def test_same_arguments_after_success_plan_nothing() -> None:
         FakeInspector(COMMITS),
         state=data_dir(restore_state=done),
     )
-    assert again.action == "none"
+    assert again.decision == "none"
     assert again.steps == []
     assert again.backup["label"] == "b-old"
     # The action is not part of "the same restore": paused then promote resumes.
     paused = recovery.restore_state(first, recovery.PHASE_PAUSED, T0)
     resumed = plan(target, [B_OLD], segments(1, 2, 9), state=data_dir(restore_state=paused))
-    assert resumed.action == "resume"
+    assert resumed.decision == "resume"
     paused_again = plan(
         parse_target(target_time=at(4.75), action="pause"),
         [B_OLD],
         segments(1, 2, 9),
         state=data_dir(restore_state=paused),
     )
-    assert paused_again.action == "none"
+    assert paused_again.decision == "none"
     # Another target is another restore.
     other = plan(
         parse_target(target_time=at(4.5)),
@@ -691,7 +691,7 @@ def test_same_arguments_after_success_plan_nothing() -> None:
         FakeInspector(COMMITS),
         state=data_dir(restore_state=done),
     )
-    assert other.action == "restore"
+    assert other.decision == "restore"
     forced = plan(
         target,
         [B_OLD],
@@ -700,7 +700,7 @@ def test_same_arguments_after_success_plan_nothing() -> None:
         state=data_dir(restore_state=done),
         force=True,
     )
-    assert forced.action == "restore"
+    assert forced.decision == "restore"
 
 
 def test_interrupted_restores_resume() -> None:
@@ -710,12 +710,12 @@ def test_interrupted_restores_resume() -> None:
     p = plan(
         target, [B_OLD], segments(1, 2, 9), state=data_dir(restore_state=recovering, running=False)
     )
-    assert p.action == "resume"
+    assert p.decision == "resume"
     assert p.steps == ["start PostgreSQL", "follow recovery to the target, then finish as asked"]
     prepared = recovery.restore_state(first, recovery.PHASE_PREPARED, T0)
     gone = data_dir(exists=False, running=False, staging_exists=True, staging_state=prepared)
     p = plan(target, [B_OLD], segments(1, 2, 9), state=gone)
-    assert p.action == "resume"
+    assert p.decision == "resume"
     assert p.steps[0].startswith("move /var/lib/postgresql/15/main.pitr-staging to")
     assert p.data_dir["old_data_dir"] == first.data_dir["old_data_dir"]
     # A staging directory that was not finished is rebuilt.
@@ -726,7 +726,7 @@ def test_interrupted_restores_resume() -> None:
         segments(1, 2, 9),
         state=data_dir(staging_exists=True, staging_state=staging),
     )
-    assert p.action == "restore"
+    assert p.decision == "restore"
     assert p.data_dir["remove_stale_staging"] is True
 
 
