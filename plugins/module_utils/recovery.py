@@ -519,11 +519,9 @@ def _backup_summary(record: BackupRecord) -> dict[str, t.Any]:
 
 
 def _stops_before(record: BackupRecord, target: RecoveryTarget) -> bool:
-    if target.kind == "time":
-        assert target.time is not None
+    if target.kind == "time" and target.time is not None:
         return parse_record_time(record.stop_time) < target.time
-    if target.kind == "lsn":
-        assert target.lsn is not None
+    if target.kind == "lsn" and target.lsn is not None:
         return parse_lsn(record.stop_lsn) <= target.lsn
     return True
 
@@ -741,10 +739,20 @@ class _Finder:
         return None
 
 
+_T = t.TypeVar("_T")
+
+
+def _given(value: _T | None, what: str) -> _T:
+    """``value``, which the target's kind guarantees; a clear error if a caller broke that."""
+    if value is None:
+        raise TargetError(f"the target has no {what}")
+    return value
+
+
 def _passes(moment: datetime, target: RecoveryTarget) -> bool:
     """Would PostgreSQL stop at a commit with this time (recoveryStopsBefore)?"""
-    assert target.time is not None
-    return moment > target.time if target.inclusive else moment >= target.time
+    wanted = _given(target.time, "time")
+    return moment > wanted if target.inclusive else moment >= wanted
 
 
 def find_time_stop(
@@ -1128,9 +1136,9 @@ def plan_recovery(
             )
         last_needed, exact = stop_segno_t, True
     elif target.kind == "lsn":
-        assert target.lsn is not None
-        target_segno = target.lsn // segment_size
-        if target.lsn < stop_lsn:
+        target_lsn = _given(target.lsn, "LSN")
+        target_segno = target_lsn // segment_size
+        if target_lsn < stop_lsn:
             raise _refuse(
                 f"target LSN {target.value} is before the end of backup {record.label}"
                 f" ({record.stop_lsn}): the cluster is not consistent before that point",
@@ -1140,7 +1148,7 @@ def plan_recovery(
         reachable = target_segno < scan.last_segno
         if target_segno == scan.last_segno and inspector is not None:
             last = inspector.last_record_lsn(scan.names[-1])
-            reachable = last is not None and last >= target.lsn
+            reachable = last is not None and last >= target_lsn
         if not reachable:
             why = describe_gap(scan.missing) if scan.gap else "the archived WAL ends before it"
             raise _refuse(
@@ -1419,7 +1427,7 @@ class WaldumpInspector:
         path = os.path.join(self._dir, name)
         if os.path.exists(path) or self.repo.wal_stat(name) is None:
             return
-        _, data = self.repo.get_wal(name)  # verifies the checksum
+        data = self.repo.get_wal(name)[1]  # verifies the checksum
         with open(path, "wb") as fh:
             fh.write(data)
 

@@ -304,7 +304,7 @@ def plan_present(
         # The markers are gone (ALTER SYSTEM rewrote the file): drop the recorded lines first
         # so that the block does not appear twice.
         recorded = sidecar["blocks"].get(block, {}).get("settings") or {}
-        stripped, _ = without_block(before, block, recorded)
+        stripped = without_block(before, block, recorded)[0]
         after = with_block(stripped, block, {n: str(v) for n, v in settings.items()})
     new_sidecar = json.loads(json.dumps(sidecar))
     new_sidecar["format"] = 1

@@ -72,7 +72,7 @@ seealso:
   - module: pitr.postgresql.restore_plan
   - module: pitr.postgresql.recovery_settings
 author:
-  - pitr.postgresql developers
+  - pitr.postgresql developers (@pitr-postgresql)
 """
 
 EXAMPLES = r"""
@@ -269,7 +269,8 @@ def server_state(params: t.Mapping[str, t.Any]) -> dict[str, t.Any] | None:
             )
     except PitrError:
         return None
-    assert row is not None
+    if row is None:
+        return None
     source = str(row["timeline_source"])
     row["timeline"] = int(source[:8], 16) if len(source) == 24 else int(source)
     return row

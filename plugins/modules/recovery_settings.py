@@ -74,7 +74,7 @@ seealso:
   - module: pitr.postgresql.restore_plan
   - module: pitr.postgresql.recovery_info
 author:
-  - pitr.postgresql developers
+  - pitr.postgresql developers (@pitr-postgresql)
 """
 
 EXAMPLES = r"""

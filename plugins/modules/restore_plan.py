@@ -166,7 +166,7 @@ seealso:
     description: The PostgreSQL documentation of recovery_target_* settings.
     link: https://www.postgresql.org/docs/current/runtime-config-wal.html#RUNTIME-CONFIG-WAL-RECOVERY-TARGET
 author:
-  - pitr.postgresql developers
+  - pitr.postgresql developers (@pitr-postgresql)
 """
 
 EXAMPLES = r"""
@@ -367,7 +367,7 @@ def read_histories(repo: Repository, wal: t.Sequence[t.Any]) -> dict[int, str]:
     found = {}
     for w, _info in wal:
         if w.kind == HISTORY:
-            _, data = repo.get_wal(w.name)
+            data = repo.get_wal(w.name)[1]
             found[w.timeline] = data.decode("utf-8", errors="replace")
     return found
 

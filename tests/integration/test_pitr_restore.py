@@ -337,7 +337,7 @@ class HostRun:
 
     def task(self, prefix: str) -> dict[str, t.Any]:
         found = [r for n, r in self.tasks if n.startswith(prefix) and not r.get("skipped")]
-        assert found, f"{self.name}: no task {prefix!r} ran: {[n for n, _ in self.tasks]}"
+        assert found, f"{self.name}: no task {prefix!r} ran: {[task[0] for task in self.tasks]}"
         return found[-1]
 
     @property
@@ -584,7 +584,10 @@ def restores(source: Source) -> dict[str, t.Any]:
     shutil.copy2(source.cluster.datadir / "global" / "pg_control", occupied / "global")
     (occupied / "precious.txt").write_text("keep me\n")
     subprocess.run(["chown", "-R", "postgres:postgres", str(occupied)], check=True)
-    mid = lambda a, b: a.commit_time + (b.commit_time - a.commit_time) / 2  # noqa: E731
+
+    def mid(a: Marker, b: Marker) -> datetime:
+        return a.commit_time + (b.commit_time - a.commit_time) / 2
+
     berlin = m(3).commit_time.astimezone(ZoneInfo("Europe/Berlin"))
     hosts = {
         "time-between-incl": {"pitr_restore_target_time": utc_text(mid(m(2), m(3)))},

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import os
 import typing as t
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -779,3 +781,258 @@ def test_parse_waldump() -> None:
     assert summary.last_record_lsn == 0x030137B8
     assert summary.last_commit == datetime(2026, 11, 25, 14, 25, 26, 796765, tzinfo=UTC)
     assert recovery.parse_waldump("x", "").commit_times == ()
+
+
+# --------------------------------------------------------------------------------------------
+# Following recovery: the server log, the stop point, the phase
+
+# A PostgreSQL 15 server log of a restore to a time target (recorded; pitr-wal lines included).
+LOG_TIME_TARGET = """\
+2026-11-25 14:36:38.627 UTC [7239] LOG:  starting point-in-time recovery to 2026-11-25 14:32:22.788004+00
+pitr-wal: fetch 000000010000000000000002: restored 16.0 MiB (zstd) in 97 ms
+2026-11-25 14:36:38.949 UTC [7239] LOG:  restored log file "000000010000000000000002" from archive
+pitr-wal: fetch 000000010000000000000005: not in the archive
+2026-11-25 14:36:39.729 UTC [7239] LOG:  consistent recovery state reached at 0/2000100
+2026-11-25 14:36:39.729 UTC [7239] LOG:  recovery stopping before commit of transaction 731, time 2026-11-25 14:32:23.848327+00
+2026-11-25 14:36:39.729 UTC [7239] LOG:  pausing at the end of recovery
+2026-11-25 14:36:39.729 UTC [7239] HINT:  Execute pg_wal_replay_resume() to promote.
+2026-11-25 14:36:39.740 UTC [7250] FATAL:  the database system is not yet accepting connections
+2026-11-25 14:36:42.158 UTC [7239] LOG:  selected new timeline ID: 2
+"""  # noqa: E501
+TARGET_TIME = "2026-11-25 14:32:22.788004+00"
+LAST_REPLAYED = datetime(2026, 11, 25, 14, 32, 22, 788004, tzinfo=UTC)
+
+LOG_ENDED_EARLY = """\
+2026-11-25 14:50:01.100 UTC [800] LOG:  redo done at 0/7000060 system usage: CPU: user: 0.00 s
+2026-11-25 14:50:01.100 UTC [800] FATAL:  recovery ended before configured recovery target was reached
+2026-11-25 14:50:01.103 UTC [790] LOG:  startup process (PID 800) exited with exit code 1
+2026-11-25 14:50:01.103 UTC [790] LOG:  aborting startup due to startup process failure
+"""  # noqa: E501
+
+LOG_FETCH_FAILED = """\
+pitr-wal: fetch 000000010000000000000007: attempt 1 of 3 failed: wal/0000000100000000/000000010000000000000007 fails its checksum
+pitr-wal: fetch 000000010000000000000007 FAILED after 3 attempts: wal/0000000100000000/000000010000000000000007 fails its checksum. Recovery must stop here (exit 255) rather than treat this as the end of the archive.
+2026-11-25 14:51:00.200 UTC [900] FATAL:  could not restore file "000000010000000000000007" from archive: child process exited with exit code 255
+2026-11-25 14:51:00.203 UTC [890] LOG:  startup process (PID 900) exited with exit code 1
+"""  # noqa: E501
+
+
+def test_parse_recovery_log_time_target() -> None:
+    log = recovery.parse_recovery_log(LOG_TIME_TARGET)
+    assert log.stop == {
+        "kind": "xact",
+        "edge": "before",
+        "record": "commit",
+        "xid": 731,
+        "time": datetime(2026, 11, 25, 14, 32, 23, 848327, tzinfo=UTC),
+    }
+    assert log.paused_at_target and log.new_timeline == 2
+    assert log.failures == ()  # a refused connection is not a server failure
+    assert any("pitr-wal: fetch 000000010000000000000002" in line for line in log.lines)
+
+
+def test_parse_recovery_log_failures() -> None:
+    early = recovery.parse_recovery_log(LOG_ENDED_EARLY)
+    assert early.ended_before_target and not early.stop
+    assert len(early.failures) == 1
+    failed = recovery.parse_recovery_log(LOG_FETCH_FAILED)
+    assert "could not restore file" in failed.failures[0]
+    assert any("FAILED after 3 attempts" in line for line in failed.lines)
+
+
+@pytest.mark.parametrize(
+    ("line", "stop"),
+    [
+        (
+            'LOG:  recovery stopping at restore point "before", time 2026-11-25 10:00:00+01',
+            {
+                "kind": "name",
+                "edge": "at",
+                "name": "before",
+                "time": datetime(2026, 11, 25, 9, 0, tzinfo=UTC),
+            },
+        ),
+        (
+            'LOG:  recovery stopping after WAL location (LSN) "0/7000148"',
+            {"kind": "lsn", "edge": "after", "lsn": 0x7000148},
+        ),
+        (
+            "LOG:  recovery stopping after abort of transaction 900, time 2026-11-25 10:00:00.5+00",
+            {
+                "kind": "xact",
+                "edge": "after",
+                "record": "abort",
+                "xid": 900,
+                "time": datetime(2026, 11, 25, 10, 0, 0, 500000, tzinfo=UTC),
+            },
+        ),
+        (
+            "LOG:  recovery stopping after reaching consistency",
+            {"kind": "immediate", "edge": "after"},
+        ),
+    ],
+)
+def test_parse_recovery_log_stop_lines(line: str, stop: dict[str, t.Any]) -> None:
+    assert recovery.parse_recovery_log(line).stop == stop
+
+
+def target_dict(**kw: t.Any) -> dict[str, t.Any]:
+    return parse_target(**kw).to_dict()
+
+
+def log_of(line: str) -> recovery.RecoveryLog:
+    return recovery.parse_recovery_log(line)
+
+
+def test_confirm_time_target() -> None:
+    log = recovery.parse_recovery_log(LOG_TIME_TARGET)
+    ok, where = recovery.confirm_stop(
+        target_dict(target_time=TARGET_TIME), log, None, LAST_REPLAYED
+    )
+    assert ok is True
+    assert "before the commit of transaction 731" in where
+    # Exclusive at the same time: the commit at exactly the target must not have been replayed.
+    ok, where = recovery.confirm_stop(
+        target_dict(target_time=TARGET_TIME, inclusive=False), log, None, LAST_REPLAYED
+    )
+    assert ok is False and "after the target" in where
+    # A stop at a commit that does not lie beyond the target is not the target.
+    ok = recovery.confirm_stop(
+        target_dict(target_time="2026-11-25 14:32:24+00"), log, None, LAST_REPLAYED
+    )[0]
+    assert ok is False
+    # Without the log, the last replayed commit time alone decides.
+    assert (
+        recovery.confirm_stop(
+            target_dict(target_time=TARGET_TIME), log_of(""), None, LAST_REPLAYED
+        )[0]
+        is True
+    )
+    assert (
+        recovery.confirm_stop(target_dict(target_time=TARGET_TIME), log_of(""), None, None)[0]
+        is None
+    )
+
+
+def test_confirm_other_targets() -> None:
+    after = log_of(
+        "LOG:  recovery stopping after commit of transaction 900, time 2026-11-25 10:00:00+00"
+    )
+    before = log_of(
+        "LOG:  recovery stopping before commit of transaction 900, time 2026-11-25 10:00:00+00"
+    )
+    assert recovery.confirm_stop(target_dict(target_xid="900"), after, None, None)[0] is True
+    assert recovery.confirm_stop(target_dict(target_xid="900"), before, None, None)[0] is False
+    assert (
+        recovery.confirm_stop(target_dict(target_xid="900", inclusive=False), before, None, None)[0]
+        is True
+    )
+    assert recovery.confirm_stop(target_dict(target_xid="901"), after, None, None)[0] is False
+    # An xid with an epoch (xid8) is compared on its low 32 bits, as PostgreSQL does.
+    assert (
+        recovery.confirm_stop(target_dict(target_xid=str((1 << 32) + 900)), after, None, None)[0]
+        is True
+    )
+    lsn_after = log_of('LOG:  recovery stopping after WAL location (LSN) "0/7000148"')
+    assert (
+        recovery.confirm_stop(target_dict(target_lsn="0/7000100"), lsn_after, 0x7000200, None)[0]
+        is True
+    )
+    assert (
+        recovery.confirm_stop(
+            target_dict(target_lsn="0/7000100", inclusive=False), lsn_after, 0x7000200, None
+        )[0]
+        is False
+    )
+    rp = log_of('LOG:  recovery stopping at restore point "rp1", time 2026-11-25 10:00:00+00')
+    assert recovery.confirm_stop(target_dict(target_name="rp1"), rp, None, None)[0] is True
+    assert recovery.confirm_stop(target_dict(target_name="rp2"), rp, None, None)[0] is False
+    consistent = log_of("LOG:  recovery stopping after reaching consistency")
+    assert recovery.confirm_stop(target_dict(target="immediate"), consistent, None, None)[0]
+    assert recovery.confirm_stop(target_dict(target="immediate"), rp, None, None)[0] is False
+    # Nothing in the log: cannot tell (the role then refuses to promote).
+    for kw in ({"target_xid": "900"}, {"target_name": "rp1"}, {"target": "immediate"}):
+        assert recovery.confirm_stop(target_dict(**kw), log_of(""), None, None)[0] is None
+    assert recovery.confirm_stop(target_dict(target="latest"), log_of(""), None, None)[0]
+
+
+@pytest.mark.parametrize(
+    ("running", "connected", "in_recovery", "pause", "log", "phase"),
+    [
+        (False, False, None, None, "", "stopped"),
+        (False, False, None, None, LOG_ENDED_EARLY, "failed"),
+        (False, False, None, None, LOG_FETCH_FAILED, "failed"),
+        (True, False, None, None, LOG_FETCH_FAILED, "starting"),
+        (True, True, True, "not paused", "", "recovering"),
+        (True, True, True, "pause requested", "", "recovering"),
+        (True, True, True, "paused", LOG_TIME_TARGET, "paused"),
+        (True, True, False, None, LOG_TIME_TARGET, "promoted"),
+    ],
+)
+def test_recovery_phase(
+    running: bool,
+    connected: bool,
+    in_recovery: bool | None,
+    pause: str | None,
+    log: str,
+    phase: str,
+) -> None:
+    assert (
+        recovery.recovery_phase(
+            running=running,
+            connected=connected,
+            in_recovery=in_recovery,
+            pause_state=pause,
+            log=recovery.parse_recovery_log(log),
+        )
+        == phase
+    )
+
+
+def test_read_data_dir_state(tmp_path: Path) -> None:
+    data = tmp_path / "main"
+    state = recovery.read_data_dir_state(str(data))
+    assert (state.exists, state.running, state.staging_exists) == (False, False, False)
+    (data / "global").mkdir(parents=True)
+    (data / "global" / "pg_control").write_bytes((7001).to_bytes(8, "little") + b"\0" * 100)
+    (data / "postmaster.pid").write_text("999999999\n")  # no such process: a stale file
+    (data / recovery.STATE_FILE).write_text('{"fingerprint": "x", "phase": "completed"}')
+    (tmp_path / "main.pitr-old-20261125T100000Z").mkdir()
+    (tmp_path / "main.pitr-staging").mkdir()
+    state = recovery.read_data_dir_state(str(data))
+    assert state.exists and not state.empty and not state.running
+    assert state.system_identifier == 7001
+    assert state.restore_state == {"fingerprint": "x", "phase": "completed"}
+    assert state.staging_exists and state.staging_state is None
+    assert state.siblings == ("main.pitr-old-20261125T100000Z",)
+    assert state.free_bytes and state.free_bytes > 0
+    (data / "postmaster.pid").write_text(f"{os.getpid()}\n")  # a live process, but not postgres
+    assert recovery.postmaster_pid(str(data)) is None
+
+
+def test_backup_layout_and_programs() -> None:
+    layout = recovery.backup_layout(B_OLD)
+    assert layout == {
+        "format": "tar",
+        "base": "base.tar.zst",
+        "wal": "pg_wal.tar.zst",
+        "decompress": "zstd",
+        "wal_decompress": "zstd",
+    }
+    assert recovery.required_programs(layout, "/usr/lib/postgresql/15/bin") == [
+        "/usr/lib/postgresql/15/bin/pg_ctl",
+        "tar",
+        "zstd",
+    ]
+    mixed = backup("m", 2, T0, files=["base.tar.lz4", "pg_wal.tar", "backup_manifest"])
+    layout = recovery.backup_layout(mixed)
+    assert (layout["decompress"], layout["wal"], layout["wal_decompress"]) == (
+        "lz4",
+        "pg_wal.tar",
+        None,
+    )
+    plain = BackupRecord(**{**B_OLD.to_dict(), "backup_format": "plain", "files": ["PG_VERSION"]})
+    assert recovery.backup_layout(plain)["format"] == "plain"
+    assert "cp" in recovery.required_programs(recovery.backup_layout(plain), "/x")
+    with pytest.raises(RecoveryPlanError, match=r"no base\.tar"):
+        recovery.backup_layout(backup("n", 2, T0, files=["backup_manifest"]))

@@ -72,7 +72,7 @@ def test_removing_the_block_restores_what_was_there() -> None:
     assert len(removed) == 3
     assert "restore_command" not in without
     assert rc.effective_settings(without)["archive_mode"] == "off"  # the clone block stays
-    without, _ = rc.without_block(without, "clone")
+    without = rc.without_block(without, "clone")[0]
     assert without == ALTER_SYSTEM_FILE
     assert rc.effective_settings(without)["archive_mode"] == "on"
     # Nothing to remove: unchanged.
