@@ -21,11 +21,11 @@ at once on one repository and the second is told who holds it):
 
 Manifest checksums (``manifest_checksums: auto``): CRC32C where ``pg_verifybackup`` reads
 the backup (plain format; tar from PostgreSQL 18), because its CRC32C is hardware-assisted
-and costs the server nothing measurable; SHA256 for tar on PostgreSQL < 18, where the
-collection verifies in Python: hashlib's SHA-256 runs at ~1.5 GB/s (SHA-NI) and needs no
-extra package, while a fast CRC-32C needs python3-crc32c (measured here: 1.9 GB/s, software
-only) and pure Python manages a few MB/s. The server pays for SHA-256 too: about +0.4 s per
-800 MB measured on this 2-core machine.
+and costs the server almost nothing. Tar on PostgreSQL < 18 is verified here in Python: with
+a C CRC-32C library (Debian python3-crc32c: 1.9 GB/s measured, software only; the role
+installs it) CRC32C again, else SHA256 (hashlib, ~1.5 GB/s with SHA-NI, no extra package)
+rather than pure-Python CRC-32C (a few MB/s). SHA-256 costs the server too: +0.5-0.8 s per
+800 MB of pgbench data measured on this 2-core machine (2.6 s -> 3.4 s with server-zstd:1).
 
 Standard library only (plus the optional compression libraries), so that the same code runs
 in the ``base_backup`` module and in the ``pitr-backup`` host command of the systemd timer.
@@ -281,8 +281,13 @@ def compression_method(compression: str) -> str:
     return compression.split("-", 1)[1].split(":", 1)[0]
 
 
-def resolve_checksums(requested: str, backup_format: str, client_major: int) -> str:
-    """The ``--manifest-checksums`` algorithm (see the module docstring for ``auto``)."""
+def resolve_checksums(
+    requested: str, backup_format: str, client_major: int, fast_crc32c: bool | None = None
+) -> str:
+    """The ``--manifest-checksums`` algorithm (see the module docstring for ``auto``).
+
+    ``fast_crc32c``: whether a C CRC-32C library is importable here (None: look).
+    """
     if requested and requested != "auto":
         algo = requested.upper()
         if algo not in CHECKSUM_CHOICES[1:]:
@@ -292,7 +297,9 @@ def resolve_checksums(requested: str, backup_format: str, client_major: int) -> 
         return algo
     if backup_format == "plain" or client_major >= 18:
         return "CRC32C"
-    return "SHA256"
+    if fast_crc32c is None:
+        fast_crc32c = manifest.fast_crc32c() is not None
+    return "CRC32C" if fast_crc32c else "SHA256"
 
 
 def verifier_for(backup_format: str, client_major: int) -> str:
@@ -324,8 +331,10 @@ def basebackup_argv(
     *,
     client_major: int,
     server_major: int,
+    fast_crc32c: bool | None = None,
 ) -> list[str]:
-    """The ``pg_basebackup`` argv for these options and versions (pure).
+    """The ``pg_basebackup`` argv for these options and versions (pure but for ``auto``
+    checksums, which look for a CRC-32C library unless ``fast_crc32c`` says).
 
     PostgreSQL 15+ takes ``--compress=LOCATION-METHOD[:DETAIL]``; 13 and 14 only compress
     on the client with gzip (``--gzip --compress=LEVEL``) and have no server-side compression.
@@ -336,7 +345,9 @@ def basebackup_argv(
     if opts.checkpoint not in CHECKPOINTS:
         raise BackupError(f"checkpoint {opts.checkpoint!r} is not one of {', '.join(CHECKPOINTS)}")
     compression = normalize_compression(opts.compression)
-    checksums = resolve_checksums(opts.manifest_checksums, opts.backup_format, client_major)
+    checksums = resolve_checksums(
+        opts.manifest_checksums, opts.backup_format, client_major, fast_crc32c
+    )
     argv = [
         os.path.join(bindir, "pg_basebackup"),
         f"--pgdata={target_dir}",

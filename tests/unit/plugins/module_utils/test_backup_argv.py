@@ -21,6 +21,8 @@ TARGET = "/srv/pitr/staging/backups/L1"
 
 
 def argv(major: int, server: int | None = None, **opts: object) -> list[str]:
+    opts.setdefault("fast_crc32c", False)
+    fast = bool(opts.pop("fast_crc32c"))
     return b.basebackup_argv(
         BIN.format(major),
         TARGET,
@@ -28,6 +30,7 @@ def argv(major: int, server: int | None = None, **opts: object) -> list[str]:
         b.BackupOptions(**opts),  # type: ignore[arg-type]
         client_major=major,
         server_major=server or major,
+        fast_crc32c=fast,
     )
 
 
@@ -53,6 +56,12 @@ def expected(
 def test_default_argv_per_major(major: int) -> None:
     # Tar before PostgreSQL 18: SHA256 manifests, verified by the collection in Python.
     assert argv(major) == expected(major, "SHA256")
+
+
+@pytest.mark.parametrize("major", [15, 16, 17])
+def test_default_argv_with_crc32c_library(major: int) -> None:
+    # A C CRC-32C library on the host: PostgreSQL's cheap default checksum, verified by it.
+    assert argv(major, fast_crc32c=True) == expected(major, "CRC32C")
 
 
 def test_default_argv_pg18_uses_crc32c_for_tar() -> None:
@@ -163,7 +172,8 @@ def test_older_pg_basebackup_message_names_both_versions() -> None:
     ],
 )
 def test_checksums_and_verifier(fmt: str, major: int, algo: str, tool: str) -> None:
-    assert b.resolve_checksums("auto", fmt, major) == algo
+    assert b.resolve_checksums("auto", fmt, major, fast_crc32c=False) == algo
+    assert b.resolve_checksums("auto", fmt, major, fast_crc32c=True) == "CRC32C"
     assert b.verifier_for(fmt, major) == tool
     assert b.resolve_checksums("crc32c", fmt, major) == "CRC32C"
 
