@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -348,3 +349,67 @@ def test_window_ends_at_the_last_commit(env: Env) -> None:
     assert report["latest_usable"] == "window-base"
     assert report["usable_count"] == len([b for b in report["backups"] if b["usable"]])
     assert report["changed"] is False
+
+
+@pytest.fixture
+def host_dir() -> t.Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="pitr-bbhost-"))
+    give_to_server_user(base)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_pitr_backup_host_command_for_the_timer(env: Env, host_dir: Path) -> None:
+    """What the systemd timer runs: pitr-backup as the PostgreSQL user, no Ansible."""
+    base = host_dir
+    install_host_command(base / "prefix", owner="postgres" if os.geteuid() == 0 else None)
+    program = base / "prefix" / "bin" / "pitr-backup"
+    shutil.copy2(ROOT / "roles" / "base_backup" / "files" / "pitr-backup", program)
+    repo = base / "repo"
+    repo.mkdir()
+    give_to_server_user(repo)
+    give_to_server_user(program)
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    wal = str(base / "prefix" / "bin" / "pitr-wal")
+    init = [*as_owner, "/usr/bin/python3", "-I", "-S", wal, "--repo", str(repo), "init"]
+    subprocess.run([*init, "--pgdata", str(env.cluster.datadir)], check=True, cwd="/")
+    argv = [
+        *as_owner,
+        "/usr/bin/python3",
+        "-I",
+        str(program),
+        "--repo",
+        str(repo),
+        "--socket-dir",
+        str(env.cluster.sockdir),
+        "--port",
+        str(env.cluster.port),
+        "--user",
+        "postgres",
+        "--min-interval",
+        "1h",
+    ]
+    first = subprocess.run(argv, capture_output=True, text=True, check=False, cwd="/")
+    assert first.returncode == 0, first.stderr
+    result = json.loads(first.stdout)
+    assert result["changed"] is True and result["usable"] is True
+    assert "verified:" in first.stderr and "MiB" in first.stderr
+    label = result["label"]
+    rec = catalog.read_backup(Repository.open_posix(str(repo)), label)
+    assert rec is not None and catalog.usable(rec)
+
+    second = subprocess.run(argv, capture_output=True, text=True, check=False, cwd="/")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["changed"] is False
+    assert "nothing to do" in second.stderr
+
+    # a failure is an exit status the unit's monitoring sees
+    bad = subprocess.run(
+        [*argv[:-2], "--format", "plain", "--compress", "client-zstd"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+    )
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["failed"] is True
