@@ -182,10 +182,12 @@ def run(
         _kill_group(proc)
         proc.wait()
         raise
-    # Whatever the program left running in its process group (pg_basebackup's WAL streaming
-    # child, when pg_basebackup itself was killed) would keep our pipes open and keep writing:
-    # the command is over, so its helpers go too.
-    _kill_group(proc, leader_exited=True)
+    # Whatever a failed program left running in its process group (pg_basebackup's WAL
+    # streaming child, when pg_basebackup itself was killed) would keep our pipes open and keep
+    # writing: the command is over, so its helpers go too. (A program that succeeded has
+    # waited for its helpers.)
+    if proc.returncode != 0:
+        _kill_group(proc, leader_exited=True)
     for th in threads:
         th.join()
     result = CommandResult(
