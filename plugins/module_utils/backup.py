@@ -506,7 +506,8 @@ def clean_staging(repo: Repository) -> list[str]:
 
 
 def in_progress(repo: Repository) -> list[dict[str, t.Any]]:
-    """Progress records of backups being taken (or interrupted and not yet cleaned)."""
+    """Progress records of backups being taken, each with ``alive`` (False: the process is
+    gone, the backup was interrupted; its leftovers go with the next backup)."""
     storage = posix_storage(repo)
     parent = os.path.dirname(storage.path(repo.backup_progress_key("x")))
     out: list[dict[str, t.Any]] = []
@@ -517,10 +518,25 @@ def in_progress(repo: Repository) -> list[dict[str, t.Any]]:
             continue
         try:
             with open(os.path.join(parent, name), encoding="utf-8") as fh:
-                out.append(json.load(fh))
+                entry = json.load(fh)
         except (OSError, ValueError):
             continue
+        entry["alive"] = _process_alive(entry)
+        out.append(entry)
     return out
+
+
+def _process_alive(entry: t.Mapping[str, t.Any]) -> bool | None:
+    """Is the backup process of a progress record still running? None: another host."""
+    if entry.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(entry.get("pid", 0)), 0)
+    except (ValueError, TypeError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return int(entry.get("pid", 0)) > 0
 
 
 # WAL checks ------------------------------------------------------------------------------------

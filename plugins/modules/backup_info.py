@@ -200,7 +200,8 @@ wal_gaps:
             "from_lsn": "0/6000000", "to_lsn": "0/7000000"}]
 in_progress:
   description: Progress records of backups being taken (label, phase, done_bytes,
-    total_bytes, percent, pid, host, started, updated).
+    total_bytes, percent, pid, host, started, updated, and alive - false when that process is
+    gone, that is the backup was interrupted; null when it ran on another host).
   returned: always
   type: list
   elements: dict

@@ -291,7 +291,7 @@ def test_concurrent_backup_refused_and_killed_backup_unusable(env: Env) -> None:
     assert not backup_dir(env, "second").exists()
 
     running = info(env)["in_progress"]
-    assert [p["label"] for p in running] == [slow]
+    assert [(p["label"], p["alive"]) for p in running] == [(slow, True)]
 
     # Kill pg_basebackup itself, not its WAL streaming child: the module must notice, clean
     # up the child and the staging directory, and record the backup as failed.
