@@ -1381,19 +1381,29 @@ def restore_state(
 _WALDUMP_RECORD = re.compile(r"\blsn: (?P<lsn>[0-9A-F]+/[0-9A-F]+),")
 
 
-def parse_waldump(name: str, output: str) -> SegmentSummary:
+def parse_waldump(
+    name: str, output: str, first_lsn: int | None = None, end_lsn: int | None = None
+) -> SegmentSummary:
     """Commit/abort times (in WAL order) and the last record's LSN from ``pg_waldump`` output.
 
-    Times are read by window.parse_waldump_xacts (run pg_waldump with TZ=UTC): replay stops
-    for a time target at commit and abort records alike.
+    Only records that start in ``[first_lsn, end_lsn)`` count, when given: those belong to
+    the segment (a record that continues into the next segment belongs to the one it starts
+    in). Times are read by window.parse_waldump_xacts (run pg_waldump with TZ=UTC): replay
+    stops for a time target at commit and abort records alike.
     """
+
+    def inside(lsn: int) -> bool:
+        return (first_lsn is None or lsn >= first_lsn) and (end_lsn is None or lsn < end_lsn)
+
     times = tuple(
-        parse_record_time(when) for _lsn, _kind, when in window_mod.parse_waldump_xacts(output)
+        parse_record_time(when)
+        for lsn, _kind, when in window_mod.parse_waldump_xacts(output)
+        if inside(parse_lsn(lsn))
     )
     last: int | None = None
     for line in output.splitlines():
         rec = _WALDUMP_RECORD.search(line)
-        if rec:
+        if rec and inside(parse_lsn(rec["lsn"])):
             last = parse_lsn(rec["lsn"])
     return SegmentSummary(name, times, last)
 
@@ -1431,16 +1441,28 @@ class WaldumpInspector:
         with open(path, "wb") as fh:
             fh.write(data)
 
-    def _dump(self, segment: str, *extra: str) -> str:
+    def _dump(self, segment: str, *extra: str) -> SegmentSummary:
+        """pg_waldump over ``segment`` and, for a record crossing its end, the next one."""
         from ansible_collections.pitr.postgresql.plugins.module_utils import runner
 
         self.calls += 1
         self._materialise(segment)
         w = WalFileName.parse(segment)
-        following = w.segment_number(self.segment_size) + 1
-        self._materialise(segment_name(w.timeline, following, self.segment_size))
+        segno = w.segment_number(self.segment_size)
+        self._materialise(segment_name(w.timeline, segno + 1, self.segment_size))
+        first = segno * self.segment_size
+        stop = first + self.segment_size
+        # --end bounds the read to this segment and the next (the private directory keeps
+        # other segments too); records are then kept only when they start in this segment.
         result = runner.run(
-            [self.pg_waldump, "--path", self._dir, *extra, segment],
+            [
+                self.pg_waldump,
+                f"--path={self._dir}",
+                f"--timeline={w.timeline}",
+                f"--start={format_lsn(first)}",
+                f"--end={format_lsn(stop + self.segment_size)}",
+                *extra,
+            ],
             check=False,
             timeout=600,
         )
@@ -1453,14 +1475,13 @@ class WaldumpInspector:
                 cmd=result.cmd,
                 rc=result.rc,
             )
-        return result.stdout
+        return parse_waldump(segment, result.stdout, first, stop)
 
     def summary(self, segment: str) -> SegmentSummary:
-        summary = parse_waldump(segment, self._dump(segment, "--rmgr", "Transaction"))
-        return SegmentSummary(segment, summary.commit_times, None)
+        return SegmentSummary(segment, self._dump(segment, "--rmgr=Transaction").commit_times)
 
     def last_record_lsn(self, segment: str) -> int | None:
-        return parse_waldump(segment, self._dump(segment)).last_record_lsn
+        return self._dump(segment).last_record_lsn
 
 
 # --------------------------------------------------------------------------------------------

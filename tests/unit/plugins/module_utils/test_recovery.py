@@ -1036,3 +1036,12 @@ def test_backup_layout_and_programs() -> None:
     assert "cp" in recovery.required_programs(recovery.backup_layout(plain), "/x")
     with pytest.raises(RecoveryPlanError, match=r"no base\.tar"):
         recovery.backup_layout(backup("n", 2, T0, files=["backup_manifest"]))
+
+
+def test_parse_waldump_keeps_records_that_start_in_the_segment() -> None:
+    # pg_waldump reads on into the next segment (for a record crossing the boundary); only
+    # records starting in [first, end) belong to the segment asked for.
+    summary = recovery.parse_waldump("x", WALDUMP, 0x03000000, 0x03013640)
+    assert len(summary.commit_times) == 2
+    assert summary.last_record_lsn == 0x03013610
+    assert recovery.parse_waldump("x", WALDUMP, 0x04000000, 0x05000000).commit_times == ()
