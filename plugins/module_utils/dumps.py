@@ -1514,6 +1514,8 @@ def run_logical_dump(
     run = check_label(params.get("label") or default_run_label(), "run label")
     requested = list(params.get("databases") or [])
     all_databases = bool(params.get("all_databases"))
+    if all_databases and requested:
+        raise DumpError("set either databases or all_databases, not both")
     with_globals = params.get("globals")
     with_globals = all_databases if with_globals is None else bool(with_globals)
     with postgres.connect(params) as conn:

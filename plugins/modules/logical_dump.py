@@ -50,6 +50,7 @@ options:
   all_databases:
     description:
       - Dump every database that accepts connections, templates excepted.
+      - Cannot be combined with a non-empty O(databases).
     type: bool
     default: false
   globals:
@@ -363,11 +364,7 @@ def argument_spec() -> dict[str, dict[str, object]]:
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec=argument_spec(),
-        mutually_exclusive=[("databases", "all_databases")],
-        supports_check_mode=True,
-    )
+    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
     if PSYCOPG_IMPORT_ERROR is not None and module.params["state"] == "present":
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)
     try:
