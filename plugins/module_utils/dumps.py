@@ -1510,7 +1510,6 @@ def run_logical_dump(
         out = reverify(repo, params["label"], pg_restore=pg_restore, check_mode=check_mode)
         return _dump_result([out], check_mode, run="", warnings=[])
     pg_dump = find_tool("pg_dump", params.get("pg_bindir"))
-    pg_dumpall = find_tool("pg_dumpall", params.get("pg_bindir"))
     run = check_label(params.get("label") or default_run_label(), "run label")
     requested = list(params.get("databases") or [])
     all_databases = bool(params.get("all_databases"))
@@ -1545,6 +1544,8 @@ def run_logical_dump(
     if not databases and not with_globals:
         raise DumpError("nothing to dump: name databases, or set all_databases or globals")
     targets = plan_targets(run, databases, with_globals=with_globals)
+    # each program start costs ~50 ms: pg_dumpall's version is asked only when it runs
+    pg_dumpall = find_tool("pg_dumpall", params.get("pg_bindir")) if with_globals else pg_dump
     outcomes: list[DumpOutcome] = []
     todo: list[DumpTarget] = []
     for target in targets:

@@ -20,8 +20,8 @@ description:
     C(template0) with the dumped database's encoding and locale (C(CREATE DATABASE), as
     C(createdb) does), then runs C(pg_restore --exit-on-error). When C(pg_restore) fails, the
     new database is dropped again (unless O(keep_failed)). On success the database gets a
-    comment naming the dump (RV(queries)); a second run finds it and changes nothing. An existing database of that name without this comment is never
-    touched.
+    comment naming the dump (RV(queries)); a second run finds it and changes nothing. An
+    existing database of that name without this comment is never touched.
   - B(Into an existing database) (O(mode=existing)), only when asked - runs C(pg_restore
     --clean --if-exists --exit-on-error). For every object in the dump, C(pg_restore) first
     drops the object of the same name in the target if there is one (C(DROP ... IF EXISTS)),
