@@ -257,8 +257,7 @@ class Repository:
         key = wal_key(name)
         if self.storage.stat(key) is None:
             return None
-        header, _ = decode_wal_header(self.storage.get(key), key)
-        return header
+        return decode_wal_header(self.storage.get(key), key)[0]
 
     def put_wal(
         self,
