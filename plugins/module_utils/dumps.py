@@ -67,6 +67,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
     IntegrityError,
     PitrError,
     RepositoryError,
+    StorageError,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (
     DUMP_PREFIX,
@@ -1132,6 +1133,31 @@ def _sql(text: str) -> t.Any:
     return postgres.sql.SQL(text)
 
 
+@contextlib.contextmanager
+def connect(params: t.Mapping[str, t.Any]) -> t.Iterator[t.Any]:
+    """A connection through the connection helper that also honours ``passfile``.
+
+    pg_dump gets the password file as ``PGPASSFILE`` in its environment; libpq reads the same
+    variable when psycopg connects, so it is set for the duration of the connection attempt.
+    """
+    from ansible_collections.pitr.postgresql.plugins.module_utils import postgres
+
+    passfile = params.get("passfile")
+    saved = os.environ.get("PGPASSFILE")
+    if passfile:
+        os.environ["PGPASSFILE"] = str(passfile)
+    try:
+        conn = postgres.connect(params)
+    finally:
+        if passfile:
+            if saved is None:
+                os.environ.pop("PGPASSFILE", None)
+            else:
+                os.environ["PGPASSFILE"] = saved
+    with conn:
+        yield conn
+
+
 def read_inventory(conn: t.Any) -> tuple[Inventory, dict[str, t.Any]]:
     """The objects a dump of the connected database must hold, and its properties."""
     from ansible_collections.pitr.postgresql.plugins.module_utils import postgres
@@ -1236,7 +1262,7 @@ def take_database_dump(
     conn_params = {**params, "login_db": target.database}
     # The counting session exports its snapshot and stays open until pg_dump is done, so
     # that pg_dump dumps exactly what was counted.
-    with postgres.connect(conn_params) as conn:
+    with connect(conn_params) as conn:
         postgres.execute(conn, _sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         snap = postgres.fetch_one(conn, _sql("SELECT pg_catalog.pg_export_snapshot() AS s"))
         inventory, properties = read_inventory(conn)
@@ -1327,7 +1353,7 @@ def take_globals_dump(
     storage.delete_tree(staging_key)
     os.makedirs(staging_dir, mode=0o700)
     start_time = now_iso()
-    with postgres.connect(params) as conn:
+    with connect(params) as conn:
         counts = postgres.fetch_one(conn, _sql(GLOBALS_SQL)) or {}
     expected = {k: int(counts.get(k, 0)) for k in ("roles", "tablespaces")}
     argv = pg_dumpall_globals_argv(
@@ -1517,7 +1543,7 @@ def run_logical_dump(
         raise DumpError("set either databases or all_databases, not both")
     with_globals = params.get("globals")
     with_globals = all_databases if with_globals is None else bool(with_globals)
-    with postgres.connect(params) as conn:
+    with connect(params) as conn:
         server_version = postgres.format_server_version(conn.info.server_version)
         server_major = postgres.server_major(conn)
         warnings = _check_repository(repo, conn)
@@ -1562,31 +1588,63 @@ def run_logical_dump(
     with storage.lock(LOCK_NAME, purpose=f"logical dump {run}", wait=lock_wait):
         clean_staging(repo)
         for target in todo:
-            if target.scope == GLOBALS:
-                out = take_globals_dump(
-                    repo,
-                    target,
-                    run,
-                    opts,
-                    params=params,
-                    env=env,
-                    pg_dumpall=pg_dumpall,
-                    server_version=server_version,
-                )
-            else:
-                out = take_database_dump(
-                    repo,
-                    target,
-                    run,
-                    opts,
-                    params=params,
-                    env=env,
-                    pg_dump=pg_dump,
-                    pg_restore=pg_restore,
-                    server_version=server_version,
-                )
+            try:
+                if target.scope == GLOBALS:
+                    out = take_globals_dump(
+                        repo,
+                        target,
+                        run,
+                        opts,
+                        params=params,
+                        env=env,
+                        pg_dumpall=pg_dumpall,
+                        server_version=server_version,
+                    )
+                else:
+                    out = take_database_dump(
+                        repo,
+                        target,
+                        run,
+                        opts,
+                        params=params,
+                        env=env,
+                        pg_dump=pg_dump,
+                        pg_restore=pg_restore,
+                        server_version=server_version,
+                    )
+            except StorageError:
+                raise
+            except PitrError as exc:
+                # this database could not be dumped (dropped meanwhile, no CONNECT...):
+                # catalogue the failure and go on with the others
+                out = _failed_outcome(repo, target, run, opts, exc, pg_dump, server_version)
             outcomes.append(out)
     return _dump_result(outcomes, check_mode, run=run, warnings=warnings)
+
+
+def _failed_outcome(
+    repo: Repository,
+    target: DumpTarget,
+    run: str,
+    opts: DumpOptions,
+    exc: PitrError,
+    client: Tool,
+    server_version: str,
+) -> DumpOutcome:
+    fmt = GLOBALS_FORMAT if target.scope == GLOBALS else opts.format
+    record = _failed_record(
+        target,
+        run,
+        exc.msg,
+        tool="pitr.postgresql",
+        fmt=fmt,
+        opts=opts,
+        server_version=server_version,
+        client=client,
+        start_time=now_iso(),
+    )
+    _record_failure(repo, repo.dump_staging_prefix(target.label), record)
+    return DumpOutcome(record, True, [], message=exc.msg)
 
 
 def _planned(
@@ -1599,7 +1657,6 @@ def _planned(
     params: t.Mapping[str, t.Any],
 ) -> DumpOutcome:
     """What check mode reports for a dump it would take: the argv, and the objects counted."""
-    from ansible_collections.pitr.postgresql.plugins.module_utils import postgres
 
     staging = posix_storage(repo).path(repo.dump_staging_prefix(target.label))
     if target.scope == GLOBALS:
@@ -1626,7 +1683,7 @@ def _planned(
         opts,
         snapshot=SNAPSHOT_PLACEHOLDER,
     )
-    with postgres.connect({**params, "login_db": target.database}) as conn:
+    with connect({**params, "login_db": target.database}) as conn:
         inventory, properties = read_inventory(conn)
     record = DumpRecord(
         label=target.label,
@@ -1829,7 +1886,7 @@ def run_dump_restore(
         "restore_seconds": 0.0,
         "checksum_seconds": 0.0,
     }
-    with postgres.connect(params) as conn:
+    with connect(params) as conn:
         row = postgres.fetch_one(conn, _sql(TARGET_SQL), [opts.target_database])
         create = create_database_sql(opts.target_database, record, opts)
         if opts.mode == "new" and row is not None:
@@ -1905,7 +1962,7 @@ def run_dump_restore(
                     f"the restored database could not be marked ({exc.msg}): a re-run will not"
                     " recognise it as restored"
                 )
-    with postgres.connect({**params, "login_db": opts.target_database}) as conn:
+    with connect({**params, "login_db": opts.target_database}) as conn:
         inventory, _props = read_inventory(conn)
     objects, problems = compare_restored(record, inventory)
     result["restored_objects"] = objects

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import typing as t
 from pathlib import Path
 
@@ -631,3 +632,31 @@ def test_select_dump_by_label_or_newest_usable_of_a_database() -> None:
         dumps.select_dump(r, None, "crm")
     with pytest.raises(DumpError, match="no dump labelled"):
         dumps.select_dump(r, "Z-x", None)
+
+
+def test_connect_hands_the_password_file_to_libpq_and_restores_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ansible_collections.pitr.postgresql.plugins.module_utils import postgres
+
+    seen: list[str | None] = []
+
+    class FakeConnection:
+        def __enter__(self) -> FakeConnection:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def fake_connect(params: t.Mapping[str, t.Any]) -> FakeConnection:
+        seen.append(os.environ.get("PGPASSFILE"))
+        return FakeConnection()
+
+    monkeypatch.setattr(postgres, "connect", fake_connect)
+    monkeypatch.setenv("PGPASSFILE", "/home/someone/.pgpass")
+    with dumps.connect({"passfile": "/etc/pitr/dump.pgpass"}):
+        pass
+    with dumps.connect({}):
+        pass
+    assert seen == ["/etc/pitr/dump.pgpass", "/home/someone/.pgpass"]
+    assert os.environ["PGPASSFILE"] == "/home/someone/.pgpass"
