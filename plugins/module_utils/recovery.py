@@ -1379,6 +1379,7 @@ def restore_state(
 # Reading commit times with pg_waldump
 
 _WALDUMP_RECORD = re.compile(r"\blsn: (?P<lsn>[0-9A-F]+/[0-9A-F]+),")
+_WALDUMP_END_OF_WAL = ("could not find file", "invalid record length")
 
 
 def parse_waldump(
@@ -1466,8 +1467,11 @@ class WaldumpInspector:
             check=False,
             timeout=600,
         )
-        if result.rc != 0 and not _WALDUMP_RECORD.search(result.stdout):
-            # Nothing readable at all: the segment is not what the archive says it is.
+        # pg_waldump exits non-zero where the readable WAL ends (the next segment is not
+        # archived, or zeros follow the last record): expected, everything before it was
+        # printed. Anything else, with nothing printed, is a real failure.
+        end_of_wal = any(m in result.stderr for m in _WALDUMP_END_OF_WAL)
+        if result.rc != 0 and not end_of_wal and not _WALDUMP_RECORD.search(result.stdout):
             raise RecoveryPlanError(
                 f"pg_waldump cannot read archived segment {segment}:"
                 f" {result.stderr.strip()[-500:]}",
