@@ -355,7 +355,10 @@ from ansible_collections.pitr.postgresql.plugins.module_utils import recovery
 from ansible_collections.pitr.postgresql.plugins.module_utils.catalog import list_backups
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
 from ansible_collections.pitr.postgresql.plugins.module_utils.hostcmd import restore_command_for
-from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
+from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (
+    Repository,
+    RepositoryIdentity,
+)
 from ansible_collections.pitr.postgresql.plugins.module_utils.storage import PosixStorage
 from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import HISTORY
 
@@ -403,62 +406,117 @@ def check_backup_files(backup: t.Mapping[str, t.Any]) -> None:
         )
 
 
-def main() -> None:
-    module = AnsibleModule(
-        argument_spec={
-            "repository_path": {"type": "path", "required": True},
-            "data_dir": {"type": "path"},
-            "target_time": {"type": "str"},
-            "target_lsn": {"type": "str"},
-            "target_xid": {"type": "str"},
-            "target_name": {"type": "str"},
-            "target": {"type": "str", "choices": ["immediate", "latest"]},
-            "target_inclusive": {"type": "bool"},
-            "target_timeline": {"type": "str", "default": "latest"},
-            "target_action": {
-                "type": "str",
-                "choices": list(recovery.ACTIONS),
-                "default": "promote",
-            },
-            "backup_label": {"type": "str"},
-            "clone": {"type": "bool", "default": False},
-            "clone_port": {"type": "int"},
-            "force": {"type": "bool", "default": False},
-            "pitr_wal": {"type": "path", "default": "/usr/local/lib/pitr-postgresql/bin/pitr-wal"},
-            "python": {"type": "path", "default": "/usr/bin/python3"},
-            "pg_bindir": {"type": "path"},
-            "validate_only": {"type": "bool", "default": False},
-        },
-        supports_check_mode=True,
+ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
+    "repository_path": {"type": "path", "required": True},
+    "data_dir": {"type": "path"},
+    "target_time": {"type": "str"},
+    "target_lsn": {"type": "str"},
+    "target_xid": {"type": "str"},
+    "target_name": {"type": "str"},
+    "target": {"type": "str", "choices": ["immediate", "latest"]},
+    "target_inclusive": {"type": "bool"},
+    "target_timeline": {"type": "str", "default": "latest"},
+    "target_action": {"type": "str", "choices": list(recovery.ACTIONS), "default": "promote"},
+    "backup_label": {"type": "str"},
+    "clone": {"type": "bool", "default": False},
+    "clone_port": {"type": "int"},
+    "force": {"type": "bool", "default": False},
+    "pitr_wal": {"type": "path", "default": "/usr/local/lib/pitr-postgresql/bin/pitr-wal"},
+    "python": {"type": "path", "default": "/usr/bin/python3"},
+    "pg_bindir": {"type": "path"},
+    "validate_only": {"type": "bool", "default": False},
+}
+
+
+def open_repository(path: str) -> tuple[Repository, RepositoryIdentity]:
+    storage = PosixStorage(path)
+    storage.ensure_root()
+    repo = Repository(storage)
+    identity = repo.identity()
+    if identity is None:
+        raise PitrError(f"{path} is not an initialised repository")
+    return repo, identity
+
+
+def parse_target(p: t.Mapping[str, t.Any]) -> recovery.RecoveryTarget:
+    return recovery.parse_target(
+        **{k: p[k] for k in TARGET_OPTIONS},
+        inclusive=p["target_inclusive"],
+        timeline=p["target_timeline"],
+        action=p["target_action"],
     )
+
+
+def build_request(
+    p: t.Mapping[str, t.Any], target: recovery.RecoveryTarget, data_dir: str
+) -> recovery.RestoreRequest:
+    return recovery.RestoreRequest(
+        target=target,
+        repository=p["repository_path"],
+        data_dir=data_dir,
+        restore_command=restore_command_for(
+            program=p["pitr_wal"], repo=p["repository_path"], python=p["python"]
+        ),
+        backup_label=p["backup_label"],
+        clone=p["clone"],
+        port=p["clone_port"],
+        force=p["force"],
+    )
+
+
+def validation(request: recovery.RestoreRequest, state: recovery.DataDirState) -> dict[str, t.Any]:
+    """What validate_only returns: the target, and what a restore would start from."""
+    fingerprint = recovery.request_fingerprint(request)
+    decision, reason = recovery.decide_action(request, fingerprint, state)
+    return {
+        "decision": decision,
+        "reason": reason,
+        "target": request.target.to_dict(),
+        "fingerprint": fingerprint,
+        "state": state.restore_state,
+        "data_dir": {
+            "path": state.path,
+            "exists": state.exists,
+            "running": state.running,
+            "pid": state.pid,
+        },
+    }
+
+
+def plan(
+    repo: Repository,
+    identity: RepositoryIdentity,
+    request: recovery.RestoreRequest,
+    state: recovery.DataDirState,
+    bindir: str,
+) -> tuple[recovery.RecoveryPlan, int]:
+    """The full plan, and how many segments pg_waldump read for it."""
+    wal = repo.list_wal()
+    pg_waldump = os.path.join(bindir, "pg_waldump")
+    with recovery.WaldumpInspector(repo, pg_waldump, identity.wal_segment_size) as inspector:
+        result = recovery.plan_recovery(
+            request,
+            backups=list_backups(repo),
+            wal=wal,
+            histories=read_histories(repo, wal),
+            data_dir=state,
+            inspector=inspector,
+            now=datetime.now(UTC),
+            system_identifier=identity.system_identifier,
+            segment_size=identity.wal_segment_size,
+        )
+        return result, inspector.calls
+
+
+def main() -> None:
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     try:
-        target = recovery.parse_target(
-            **{k: p[k] for k in TARGET_OPTIONS},
-            inclusive=p["target_inclusive"],
-            timeline=p["target_timeline"],
-            action=p["target_action"],
-        )
-        storage = PosixStorage(p["repository_path"])
-        storage.ensure_root()
-        repo = Repository(storage)
-        identity = repo.identity()
-        if identity is None:
-            raise PitrError(f"{p['repository_path']} is not an initialised repository")
+        target = parse_target(p)  # the user's input first, before reading anything
+        repo, identity = open_repository(p["repository_path"])
         data_dir = p["data_dir"] or f"/var/lib/postgresql/{identity.pg_major}/main"
         bindir = p["pg_bindir"] or f"/usr/lib/postgresql/{identity.pg_major}/bin"
-        request = recovery.RestoreRequest(
-            target=target,
-            repository=p["repository_path"],
-            data_dir=data_dir,
-            restore_command=restore_command_for(
-                program=p["pitr_wal"], repo=p["repository_path"], python=p["python"]
-            ),
-            backup_label=p["backup_label"],
-            clone=p["clone"],
-            port=p["clone_port"],
-            force=p["force"],
-        )
+        request = build_request(p, target, data_dir)
         state = recovery.read_data_dir_state(data_dir)
         result: dict[str, t.Any] = {
             "changed": False,
@@ -466,47 +524,17 @@ def main() -> None:
             "pg_bindir": bindir,
         }
         if p["validate_only"]:
-            fingerprint = recovery.request_fingerprint(request)
-            action, reason = recovery.decide_action(request, fingerprint, state)
-            result.update(
-                decision=action,
-                reason=reason,
-                target=target.to_dict(),
-                fingerprint=fingerprint,
-                state=state.restore_state,
-                data_dir={
-                    "path": state.path,
-                    "exists": state.exists,
-                    "running": state.running,
-                    "pid": state.pid,
-                },
-            )
-            module.exit_json(**result)
-        wal = repo.list_wal()
-        with recovery.WaldumpInspector(
-            repo, os.path.join(bindir, "pg_waldump"), identity.wal_segment_size
-        ) as inspector:
-            plan = recovery.plan_recovery(
-                request,
-                backups=list_backups(repo),
-                wal=wal,
-                histories=read_histories(repo, wal),
-                data_dir=state,
-                inspector=inspector,
-                now=datetime.now(UTC),
-                system_identifier=identity.system_identifier,
-                segment_size=identity.wal_segment_size,
-            )
-            result["waldump_calls"] = inspector.calls
-        if plan.decision == "restore":
-            result["programs"] = recovery.required_programs(plan.backup["layout"], bindir)
+            module.exit_json(**result, **validation(request, state))
+        restore, result["waldump_calls"] = plan(repo, identity, request, state, bindir)
+        if restore.decision == "restore":
+            result["programs"] = recovery.required_programs(restore.backup["layout"], bindir)
             check_programs(result["programs"], p["pitr_wal"], p["python"])
-            check_backup_files(plan.backup)
+            check_backup_files(restore.backup)
     except PitrError as exc:
         module.fail_json(**exc.to_result())
-    for warning in plan.warnings:
+    for warning in restore.warnings:
         module.warn(warning)
-    result.update(plan.to_dict())
+    result.update(restore.to_dict())
     result.pop("warnings", None)
     module.exit_json(**result)
 
