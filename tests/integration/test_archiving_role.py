@@ -4,6 +4,9 @@
 
 Each test runs the playbook against localhost (connection local) and a scratch PostgreSQL
 cluster started with pg_ctl, so the role restarts it with ``archiving_restart_method: pg_ctl``.
+The collection is a snapshot of the checkout taken once per session (what an installed
+collection looks like), so edits made to the working tree while the tests run cannot make a
+second run look non-idempotent.
 The Debian ``postgresql@VERSION-main`` (systemd) path is covered by the Molecule scenario.
 
 Needs root: the role installs root-owned files and becomes the ``postgres`` user.
@@ -30,7 +33,7 @@ from ansible_runner import collections_path
 from pgcluster import PgCluster, give_to_server_user
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAYBOOK = ROOT / "playbooks" / "setup_archiving.yml"
+COLLECTION_CONTENT = ("galaxy.yml", "meta", "plugins", "playbooks", "roles")
 HOST_PYTHON = "/usr/bin/python3"
 
 if str(collections_path()) not in sys.path:
@@ -95,8 +98,10 @@ class PlaybookRun:
 class RoleTarget:
     """A scratch cluster plus where the role puts the command and the repository."""
 
-    def __init__(self, cluster: PgCluster, workdir: Path) -> None:
+    def __init__(self, cluster: PgCluster, workdir: Path, collections: Path) -> None:
         self.cluster = cluster
+        self.collections = collections
+        self.collection = collections / "ansible_collections" / "pitr" / "postgresql"
         self.workdir = workdir
         self.prefix = workdir / "prefix"
         self.repository = cluster.basedir / "repository"
@@ -130,7 +135,11 @@ class RoleTarget:
         hostvars = {**self.host_vars(), **(extra or {})}
         inventory = {"postgresql": {"hosts": {"localhost": hostvars}}}
         self.inventory.write_text(json.dumps(inventory, indent=2), encoding="utf-8")
-        playbook = "pitr.postgresql.setup_archiving" if fqcn else str(PLAYBOOK)
+        playbook = (
+            "pitr.postgresql.setup_archiving"
+            if fqcn
+            else str(self.collection / "playbooks" / "setup_archiving.yml")
+        )
         argv = [
             str(Path(sys.executable).parent / "ansible-playbook"),
             "-i",
@@ -144,7 +153,7 @@ class RoleTarget:
             {
                 "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
                 "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-                "ANSIBLE_COLLECTIONS_PATH": collections_path(),
+                "ANSIBLE_COLLECTIONS_PATH": str(self.collections),
                 "ANSIBLE_NOCOLOR": "1",
                 "ANSIBLE_FORCE_COLOR": "0",
                 "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
@@ -201,8 +210,26 @@ class RoleTarget:
 MakeRoleTarget = t.Callable[..., RoleTarget]
 
 
+@pytest.fixture(scope="session")
+def collection_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the collection as ``DIR/ansible_collections/pitr/postgresql``; returns DIR."""
+    collections = tmp_path_factory.mktemp("collections")
+    collection = collections / "ansible_collections" / "pitr" / "postgresql"
+    collection.mkdir(parents=True)
+    for name in COLLECTION_CONTENT:
+        source = ROOT / name
+        if source.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+            shutil.copytree(source, collection / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy2(source, collection / name)
+    return collections
+
+
 @pytest.fixture
-def make_role_target(make_pg_cluster: t.Callable[..., PgCluster]) -> t.Iterator[MakeRoleTarget]:
+def make_role_target(
+    make_pg_cluster: t.Callable[..., PgCluster], collection_snapshot: Path
+) -> t.Iterator[MakeRoleTarget]:
     """Factory: ``make_role_target(conf=None)``: a started scratch cluster for the role."""
     workdirs: list[Path] = []
 
@@ -210,7 +237,7 @@ def make_role_target(make_pg_cluster: t.Callable[..., PgCluster]) -> t.Iterator[
         workdir = Path(tempfile.mkdtemp(prefix="pitr-role-"))
         workdirs.append(workdir)
         workdir.chmod(0o755)  # the postgres user must reach the installed command
-        return RoleTarget(make_pg_cluster(conf=conf), workdir)
+        return RoleTarget(make_pg_cluster(conf=conf), workdir, collection_snapshot)
 
     yield make
     for workdir in workdirs:
@@ -222,10 +249,6 @@ def wait_until_archived(repo: Repository, segment: str, timeout: float = 30.0) -
     while repo.wal_header(segment) is None:
         assert time.monotonic() < deadline, f"{segment} not archived within {timeout} s"
         time.sleep(0.2)
-
-
-def module_utils_sources() -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in (ROOT / "plugins" / "module_utils").glob("*.py")}
 
 
 def mode_and_owner(path: Path) -> tuple[str, int]:
@@ -255,7 +278,6 @@ def test_check_mode_then_converge_then_nothing_to_change(make_role_target: MakeR
     assert not target.repository.exists(), "check mode created the repository"
 
     # 2. Converge (the playbook by path): settings, restart for archive_mode, proof.
-    sources_before = module_utils_sources()
     run = target.run()
     assert run.rc == 0, run.output
     assert run.recap["failed"] == 0 and run.recap["changed"] > 0
@@ -276,15 +298,20 @@ def test_check_mode_then_converge_then_nothing_to_change(make_role_target: MakeR
         assert mode_and_owner(directory) == ("0o755", 0), directory
     for level in (package.parents[2], package.parents[1], package.parents[0], package):
         assert mode_and_owner(level / "__init__.py") == ("0o644", 0), level
-    # A source file edited while the role ran (a shared working tree) proves nothing.
-    steady = {n: b for n, b in module_utils_sources().items() if sources_before.get(n) == b}
-    assert steady, "every module_utils file changed during the run: nothing to compare"
-    for name, content in steady.items():
-        installed = package / "module_utils" / name
+    sources = sorted((target.collection / "plugins" / "module_utils").glob("*.py"))
+    assert len(sources) > 5
+    pycache = package / "module_utils" / "__pycache__"
+    assert mode_and_owner(pycache) == ("0o755", 0)  # precompiled: postgres cannot write here
+    for source in sources:
+        installed = package / "module_utils" / source.name
         assert mode_and_owner(installed) == ("0o644", 0), installed
-        assert installed.read_bytes() == content, installed
+        assert installed.read_bytes() == source.read_bytes(), installed
+        compiled = pycache / f"{installed.stem}.{sys.implementation.cache_tag}.pyc"
+        assert mode_and_owner(compiled) == ("0o644", 0), compiled
     assert mode_and_owner(Path(target.program)) == ("0o755", 0)
-    version = subprocess.run([target.program, "version"], capture_output=True, text=True)
+    version = subprocess.run(
+        [target.program, "version"], capture_output=True, text=True, check=False
+    )
     assert (version.returncode, version.stdout.strip()) == (0, VERSION), version.stderr
 
     # The repository belongs to postgres, mode 0700, and to this cluster.
