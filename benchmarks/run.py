@@ -58,6 +58,12 @@ def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(ab.DEFAULT_LATENCY_TOOLS),
         help="tools for the latency benchmark",
     )
+    p.add_argument(
+        "--experiment-segments",
+        type=int,
+        default=32,
+        help="segments each optimisation experiment (variant:*) pushes [32]",
+    )
     p.add_argument("--backlog", type=int, default=64, help="segments per drain backlog [64]")
     p.add_argument(
         "--drain-tools",
@@ -197,7 +203,9 @@ def run_all(args: argparse.Namespace) -> dict[str, t.Any]:
             ab.log("latency benchmark")
             saved = env.corpus
             env.corpus = saved[: args.segments]
-            results["latency"] = ab.bench_latency(env, args.latency_tool_list, args.latency_repeat)
+            results["latency"] = ab.bench_latency(
+                env, args.latency_tool_list, args.latency_repeat, args.experiment_segments
+            )
             env.corpus = saved
         if "startup" in args.selected:
             ab.log("start-up benchmark")
