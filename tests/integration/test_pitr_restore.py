@@ -614,6 +614,10 @@ def restores(source: Source) -> dict[str, t.Any]:
             "pitr_repository_path": str(corrupt_repo),
             "pitr_restore_target_xid": str(m(9).xid),
         },
+        "pause": {
+            "pitr_restore_target_time": utc_text(m(6).commit_time),
+            "pitr_restore_target_action": "pause",
+        },
         "interrupted": {
             "pitr_restore_target_time": utc_text(m(5).commit_time),
             # The server cannot start: the restore stops after putting the data in place.
@@ -745,9 +749,34 @@ def test_interrupted_restore_never_starts_as_if_nothing_happened_and_resumes(
     data_dir = Path(v["pitr_restore_data_dir"])
     assert (data_dir / "recovery.signal").exists()
     assert "recovery_target_time" in (data_dir / "postgresql.auto.conf").read_text()
-    # Run again, fixed, together with a finished restore that must not change.
+    # The restore left paused for inspection: read-only, at the target.
+    paused = restores["vars"]["pause"]
+    paused_port = int(paused["pitr_restore_clone_port"])
+    want_paused = ids_up_to(source, lambda x: x.commit_time <= source.marker(6).commit_time)
+    assert not restores["runs"]["pause"].failed, restores["runs"]["pause"].failure.get("msg")
+    assert restores["runs"]["pause"].result["phase"] == "paused"
+    assert scalar(paused_port, source.cluster.sockdir, "SELECT pg_is_in_recovery()") is True
+    assert marker_ids(paused_port, source.cluster.sockdir) == want_paused
+    # Run again: the interrupted one fixed, the paused one now to be promoted, and a finished
+    # restore that must not change.
     del v["pitr_restore_pg_ctl_options"]
-    again = run_restores({"interrupted": v, "time-exact-incl": restores["vars"]["time-exact-incl"]})
+    again = run_restores(
+        {
+            "interrupted": v,
+            "pause": {**paused, "pitr_restore_target_action": "promote"},
+            "time-exact-incl": restores["vars"]["time-exact-incl"],
+        }
+    )
+    promoted = again["pause"]
+    assert not promoted.failed, promoted.failure.get("msg")
+    assert promoted.plan["decision"] == "resume"
+    assert promoted.result["phase"] == "completed"
+    assert scalar(paused_port, source.cluster.sockdir, "SELECT pg_is_in_recovery()") is False
+    assert marker_ids(paused_port, source.cluster.sockdir) == want_paused
+    assert (
+        "recovery_target"
+        not in Path(paused["pitr_restore_data_dir"], "postgresql.auto.conf").read_text()
+    )
     resumed = again["interrupted"]
     assert not resumed.failed, resumed.failure.get("msg")
     assert resumed.plan["decision"] == "resume"
@@ -762,7 +791,7 @@ def test_interrupted_restore_never_starts_as_if_nothing_happened_and_resumes(
 
 
 def test_parallel_restores_stay_fast(restores: dict[str, t.Any]) -> None:
-    # Eleven restores (nine promoted clones, two failures) in one run on two cores.
+    # Twelve restores (nine promoted clones, one paused, two failures) in one run on two cores.
     assert restores["seconds"] < 300, restores["seconds"]
 
 
