@@ -58,8 +58,6 @@ STATE_FORMAT = 1
 # Restore point names are limited to MAXFNAMELEN - 1 bytes by PostgreSQL.
 MAX_RESTORE_POINT_NAME = 63
 FIRST_NORMAL_XID = 3
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-ONE_MICROSECOND = timedelta(microseconds=1)
 
 # Phases recorded in the data directory's state file.
 PHASE_STAGING = "staging"  # being laid down in the staging directory
@@ -1286,13 +1284,12 @@ def _space_plan(
     record: BackupRecord, wal: t.Mapping[str, t.Any], state: DataDirState, margin: float
 ) -> dict[str, t.Any]:
     data = int(record.cluster_size or 0) or int(record.size_on_disk or 0)
-    # pg_wal needs room for the segments restored one by one and recycled, plus new ones;
-    # a few segments' worth, or the backup's own WAL when that is larger.
+    # Restored segments pass through pg_wal and are recycled at restartpoints: room for up to
+    # 64 of them, plus a few new ones. A stale staging directory is removed first, but its
+    # size is not counted as freed (conservative).
     wal_room = min(int(wal.get("bytes") or 0), 64 * DEFAULT_SEGMENT_SIZE) + 4 * DEFAULT_SEGMENT_SIZE
     needed = int((data + wal_room) * (1 + margin))
     available = state.free_bytes
-    if state.staging_exists:
-        available = None if available is None else available  # replaced in place: no credit
     return {
         "needed_bytes": needed,
         "available_bytes": available,
