@@ -47,7 +47,6 @@ options:
     type: path
 extends_documentation_fragment:
   - pitr.postgresql.connection.info_attributes
-  - pitr.postgresql.connection.action_group
 notes:
   - Supports repositories of PostgreSQL 13 and later; tested with PostgreSQL 15.
   - Timelines are reported separately. A backup taken on an earlier timeline can also reach a
