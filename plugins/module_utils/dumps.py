@@ -626,7 +626,7 @@ def _entry_desc(catalog_oid: int, text: str) -> tuple[str, str]:
     for desc in candidates:
         if text == desc or text.startswith(desc + " "):
             return desc, text[len(desc) + 1 :]
-    first, _, rest = text.partition(" ")
+    first, _sep, rest = text.partition(" ")
     return first, rest
 
 
@@ -641,7 +641,7 @@ def parse_toc(text: str) -> Toc:
             if body.startswith("Archive created at "):
                 header["Archive created at"] = body[len("Archive created at ") :]
             elif ": " in body:
-                key, _, value = body.partition(": ")
+                key, _sep, value = body.partition(": ")
                 header.setdefault(key.strip(), value.strip())
             continue
         m = _TOC_LINE_RE.match(line)
@@ -897,7 +897,7 @@ def checksum_manifest(root: str, fmt: str) -> tuple[str, str]:
     """
     name = archive_name(fmt)
     if fmt == "directory":
-        sub, _ = list_files(os.path.join(root, name))
+        sub, _size = list_files(os.path.join(root, name))
         paths = [f"{name}/{p}" for p in sub]
     else:
         paths = [name]
@@ -1304,9 +1304,7 @@ def take_database_dump(
         names=inventory,
     )
     checksum, sums = checksum_manifest(staging_dir, opts.format)
-    with open(os.path.join(staging_dir, SUMS_FILE), "w", encoding="utf-8") as fh:
-        fh.write(sums)
-    os.chmod(os.path.join(staging_dir, SUMS_FILE), 0o600)
+    storage.put(f"{staging_key}/{SUMS_FILE}", sums.encode(), overwrite=True)
     files, size = list_files(staging_dir)
     record = DumpRecord(
         label=target.label,
@@ -1389,9 +1387,7 @@ def take_globals_dump(
     _private(staging_dir)
     report = verify_globals_file(staging_dir, expected)
     checksum, sums = checksum_manifest(staging_dir, GLOBALS_FORMAT)
-    with open(os.path.join(staging_dir, SUMS_FILE), "w", encoding="utf-8") as fh:
-        fh.write(sums)
-    os.chmod(os.path.join(staging_dir, SUMS_FILE), 0o600)
+    storage.put(f"{staging_key}/{SUMS_FILE}", sums.encode(), overwrite=True)
     files, size = list_files(staging_dir)
     record = DumpRecord(
         label=target.label,

@@ -11,7 +11,7 @@ version_added: 0.1.0
 description:
   - Reads the catalog records C(dumps/<label>/dump.json) written by
     M(pitr.postgresql.logical_dump) and returns them newest first, each with whether it may be
-    restored (RV(dumps[].usable)), and the newest usable dump of each database.
+    restored (C(usable)), and the newest usable dump of each database.
   - Reads only the repository; connects to no server.
 options:
   repository_path:

@@ -26,7 +26,7 @@ description:
     reads only the table of contents and does not notice a file cut short. The globals file
     must be complete and hold every role and tablespace.
   - A dump whose C(pg_dump) failed or that does not verify gets a record with
-    RV(dumps[].record.status=failed), is never restored, and the task fails.
+    C(status=failed) in its record (RV(dumps[].record)), is never restored, and the task fails.
   - The SHA-256 of the dump (of a C(SHA256SUMS) manifest for the directory format) is recorded;
     M(pitr.postgresql.dump_restore) checks it before it restores.
   - The password is passed to C(pg_dump) in the environment (E(PGPASSWORD)) or a password file

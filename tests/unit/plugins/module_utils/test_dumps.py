@@ -484,7 +484,7 @@ def test_compare_objects_counts_only_when_no_names_are_known() -> None:
     toc = dumps.parse_toc(fixture_text("pg15_restore_list_pgbench.txt"))
     expected = {"tables": 4, "table_data": 4, "large_objects": 0}
     assert dumps.compare_objects(expected, toc)[1] == []
-    _, problems = dumps.compare_objects({**expected, "tables": 5}, toc)
+    _objects, problems = dumps.compare_objects({**expected, "tables": 5}, toc)
     assert problems == ["tables: 4 in the archive, 5 in the database"]
 
 
@@ -504,7 +504,7 @@ def test_pg17_large_object_groups_are_checked_by_their_bounds() -> None:
     objects, problems = dumps.compare_objects({"large_objects": 2500}, toc)
     assert problems == []
     assert objects["large_objects"] == {"expected": 2500, "found": None, "groups": 3}
-    _, problems = dumps.compare_objects({"large_objects": 3500}, toc)
+    _objects, problems = dumps.compare_objects({"large_objects": 3500}, toc)
     assert problems and "cannot hold" in problems[0]
 
 
@@ -522,7 +522,7 @@ def test_parse_globals_of_the_recorded_file() -> None:
 def test_a_truncated_globals_file_or_a_missing_role_is_a_problem() -> None:
     text = fixture_text("pg15_dumpall_globals.sql")
     cut = dumps.parse_globals(text[: text.index("CREATE ROLE postgres")])
-    _, problems = dumps.compare_globals({"roles": 2, "tablespaces": 0}, cut)
+    _objects, problems = dumps.compare_globals({"roles": 2, "tablespaces": 0}, cut)
     assert any("completion" in p for p in problems)
     assert "roles: 1 in the file, 2 in the cluster" in problems
 
@@ -634,19 +634,20 @@ def test_select_dump_by_label_or_newest_usable_of_a_database() -> None:
         dumps.select_dump(r, "Z-x", None)
 
 
+class FakeConnection:
+    def __enter__(self) -> FakeConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def test_connect_hands_the_password_file_to_libpq_and_restores_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from ansible_collections.pitr.postgresql.plugins.module_utils import postgres
 
     seen: list[str | None] = []
-
-    class FakeConnection:
-        def __enter__(self) -> FakeConnection:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            return None
 
     def fake_connect(params: t.Mapping[str, t.Any]) -> FakeConnection:
         seen.append(os.environ.get("PGPASSFILE"))
