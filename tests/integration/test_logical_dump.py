@@ -349,8 +349,8 @@ def test_restore_into_an_existing_database_only_when_asked(env: Env) -> None:
         c.execute(b"DELETE FROM public.big WHERE id > 100")
         c.execute(b"CREATE TABLE public.local_only (a int)")
         c.execute(b"INSERT INTO public.local_only VALUES (42)")
-    # mode new never touches an existing database that it did not restore from this dump
-    refused = restore(env, label="rt-shop", target_database="shop_ex")
+    # mode new never touches an existing database that it did not restore (the original!)
+    refused = restore(env, label="ex-shop", target_database="shop")
     assert refused.failed and "mode=existing" in refused.msg
 
     planned = restore(env, check=True, label="ex-shop", target_database="shop_ex", mode="existing")
