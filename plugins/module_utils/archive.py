@@ -187,7 +187,7 @@ def _compare_existing(
     if their_digest == digest and their_size == len(data):
         # Identical by recorded checksum; prove the stored copy is readable and complete
         # before telling PostgreSQL it may recycle the segment.
-        header, _ = repo.get_wal(name)
+        header = repo.get_wal(name)[0]
         return PushResult(name, "already archived", len(data), header.stored_size, header.codec)
     raise ArchiveConflictError(
         f"{name} is already archived in {repo.describe()} with different content (archived:"
