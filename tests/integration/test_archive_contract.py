@@ -236,13 +236,13 @@ def race_twice(go: Path, inner: list[str], cwd: Path) -> list[str]:
     argv = ["/bin/sh", "-c", SPIN_THEN_EXEC, "sh", str(go), *inner]
     procs = [
         subprocess.Popen(as_server_user(argv), cwd=cwd, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+        for _round in range(2)
     ]
     time.sleep(0.05)
     go.touch()
     errs = []
     for proc in procs:
-        _, err = proc.communicate(timeout=60)
+        _unused, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, f"exit {proc.returncode}: {err}"
         errs.append(err)
     return errs
@@ -432,7 +432,7 @@ def test_partial_of_a_promotion_is_archived_byte_exactly_and_never_replaces_the_
 
     # the old primary goes on with timeline 1: its full segment of that name arrives too
     p = promotion.primary
-    for _ in range(3):
+    for _round in range(3):
         if segment in archived_names(p.repo):
             break
         p.switch_and_wait()
@@ -644,7 +644,7 @@ def test_archiving_into_an_unmounted_repository_is_refused_and_counted(
 def test_fetch_of_a_missing_file_exits_1_and_writes_nothing(
     loaded: Primary, program: str, out_dir: Path, name: str
 ) -> None:
-    result, _ = fetch_to(program, loaded.repo, name, out_dir)
+    result, _unused = fetch_to(program, loaded.repo, name, out_dir)
     assert result.rc == 1, str(result)
     assert f"fetch {name}: not in the archive" in result.stderr
     assert os.listdir(out_dir) == []
@@ -663,7 +663,9 @@ def test_fetch_of_a_corrupted_archived_file_exits_255_after_retries_and_writes_n
     blob = bytearray(obj.read_bytes())
     blob[len(blob) // 2] ^= 0x01
     obj.write_bytes(bytes(blob))
-    result, _ = fetch_to(program, repo_dir, name, out_dir, "--retries", "3", "--retry-delay", "0.3")
+    result, _unused = fetch_to(
+        program, repo_dir, name, out_dir, "--retries", "3", "--retry-delay", "0.3"
+    )
     assert result.rc == 255, str(result)
     assert result.elapsed >= 0.6  # it did retry, with the pause between attempts
     assert result.stderr.count("retrying") == 2
@@ -676,7 +678,7 @@ def test_fetch_when_the_repository_root_is_missing_exits_255(
 ) -> None:
     missing = Path(tempfile.gettempdir(), f"pitr-never-mounted-{os.getpid()}", "repo")
     name = archived_segments(loaded)[0]
-    result, _ = fetch_to(program, missing, name, out_dir, "--retry-delay", "0")
+    result, _unused = fetch_to(program, missing, name, out_dir, "--retry-delay", "0")
     assert result.rc == 255, str(result)
     assert "not accessible" in result.stderr
     assert os.listdir(out_dir) == []
@@ -698,7 +700,7 @@ def test_fetch_when_the_repository_is_unmounted_exits_255_not_1(
         umount(mnt)  # the mount point stays: an empty directory the server user can read
         assert os.listdir(mnt) == []
         for wanted in (name, "00000002.history"):  # archived before, and never archived
-            result, _ = fetch_to(program, mnt, wanted, out_dir, "--retry-delay", "0")
+            result, _unused = fetch_to(program, mnt, wanted, out_dir, "--retry-delay", "0")
             assert result.rc == 255, str(result)
             assert "no identity file" in result.stderr
         assert os.listdir(out_dir) == []
@@ -859,7 +861,7 @@ def test_hung_destination_times_out(
     assert push.rc == 1
     assert 1.8 <= push.elapsed < 5, push.elapsed
 
-    fetch, _ = fetch_to(
+    fetch, _unused = fetch_to(
         program, repo_dir, name, out_dir, "--timeout", "2", "--retries", "1", "--retry-delay", "0"
     )
     assert fetch.rc == 255, str(fetch)
@@ -869,7 +871,7 @@ def test_hung_destination_times_out(
 
     # --timeout bounds each attempt: two hung attempts of 1 s with a 0.5 s pause, at most
     # retries x (timeout + delay) and some start-up
-    fetch, _ = fetch_to(
+    fetch, _unused = fetch_to(
         program, repo_dir, name, out_dir, "--timeout", "1", "--retries", "2", "--retry-delay", "0.5"
     )
     assert fetch.rc == 255, str(fetch)
@@ -885,7 +887,7 @@ def test_pitr_wal_runs_as_python_isolated_and_fast(program: str) -> None:
     # once per segment: start-up counts (the interpreter path is absolute, no shim)
     assert os.path.isabs(PYTHON)
     timings = []
-    for _ in range(3):
+    for _round in range(3):
         started = time.monotonic()
         out = subprocess.run(
             [PYTHON, "-I", "-S", program, "version"], capture_output=True, check=True

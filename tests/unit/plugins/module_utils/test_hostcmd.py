@@ -310,7 +310,7 @@ def _reap() -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, _unused = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:

@@ -220,7 +220,7 @@ def test_every_single_byte_flip_in_a_small_envelope_is_caught() -> None:
     for offset in range(len(blob)):
         damaged = _flip(blob, offset)
         try:
-            _, data = decode_wal_object(damaged, "k")
+            _unused, data = decode_wal_object(damaged, "k")
         except IntegrityError:
             continue
         # A flip inside the JSON may keep it valid only where it changes nothing verified

@@ -252,7 +252,7 @@ def test_format_lsn_prints_like_postgresql(value: int, text: str) -> None:
 
 def test_lsn_round_trip_random_values() -> None:
     rng = random.Random(15)
-    for _ in range(500):
+    for _round in range(500):
         value = rng.getrandbits(64)
         assert walfile.parse_lsn(walfile.format_lsn(value)) == value
 
@@ -295,7 +295,7 @@ def test_header_pageaddr_matches_the_segment_start() -> None:
 
 
 def test_header_of_whole_segment_equals_header_of_first_page() -> None:
-    page, _ = wal_samples.HEADERS["00000001000000000000000A"]
+    page, _unused = wal_samples.HEADERS["00000001000000000000000A"]
     whole = wal_samples.full_segment(page, MiB)
     assert len(whole) == MiB
     assert walfile.parse_long_page_header(whole) == walfile.parse_long_page_header(page)
