@@ -582,7 +582,8 @@ def verify_directory(
     if tool == "pg_verifybackup":
         started = time.monotonic()
         report = manifest.VerifyReport(tool="pg_verifybackup")
-        argv = [os.path.join(bindir, "pg_verifybackup")]
+        # The catalog record lives beside the backup's files but is not in its manifest.
+        argv = [os.path.join(bindir, "pg_verifybackup"), "--ignore=backup.json"]
         if backup_format == "tar":
             argv.append("--no-parse-wal")  # PostgreSQL 18 tar: WAL is checked below
         argv.append(backup_dir)

@@ -251,6 +251,13 @@ def test_plain_format_verified_by_pg_verifybackup(env: Env) -> None:
     assert (backup_dir(env, "plain1") / "PG_VERSION").read_text().strip() == "15"
     assert "backup_label" in rec["files"] and "backup_manifest" in rec["files"]
 
+    # Verifying it again later reads the stored copy, which now holds backup.json beside the
+    # manifest's files: still verified, nothing changed.
+    again = backup(env, label="plain1", format="plain", state="verified")
+    assert not again.failed, again.msg
+    assert again.changed is False
+    assert catalog.usable(catalog.read_backup(env.repo, "plain1"))  # type: ignore[arg-type]
+
 
 def test_flipped_byte_makes_backup_unusable(env: Env) -> None:
     label = "flip"
