@@ -77,6 +77,8 @@ VARIANT_TOOLS = {
     "variant:lean-imports": "lean-imports",
     "variant:mmap": "mmap",
     "variant:combined": SAFE_COMBINED,
+    "variant:zstd-direct": "zstd-direct",
+    "variant:combined+zstd-direct": SAFE_COMBINED + ",zstd-direct",
     "variant:zstd-mt": "zstd-mt",
     "variant:zstd-cli": "zstd-cli",
     "variant:nofsync": "nofsync",
@@ -100,6 +102,8 @@ TOOL_LABELS = {
     "variant:lean-imports": "variant: lazy imports above + plain classes, no dataclasses",
     "variant:mmap": "variant: mmap the source instead of read() into bytes",
     "variant:combined": "variant: nofork + single-sha + writev + lean-imports + mmap",
+    "variant:zstd-direct": "variant: load zstandard's C backend directly (no platform import)",
+    "variant:combined+zstd-direct": "variant: combined above + zstd-direct",
     "variant:zstd-mt": "variant: zstd with 2 worker threads",
     "variant:zstd-cli": "variant: zstd via the zstd program (fallback path)",
     "variant:nofsync": "attribution only: no fsync at all (unsafe)",
@@ -113,8 +117,9 @@ DEFAULT_LATENCY_TOOLS = (
     "pitr-wal-lz4",
     "pitr-wal-none",
     "pitr-wal-zstd-nopyc",
-    # single-sha is left out by default: the tree already hashes once per push.
-    *(v for v in VARIANT_TOOLS if v != "variant:single-sha"),
+    # single-sha is left out by default: the tree already hashes once per push;
+    # combined+zstd-direct measured no gain over combined (zstd-direct alone: -3 ms CPU).
+    *(v for v in VARIANT_TOOLS if v not in ("variant:single-sha", "variant:combined+zstd-direct")),
 )
 DEFAULT_DRAIN_TOOLS = ("basic_archive", "pgbackrest-zst", "pitr-wal-zstd", "cp-sync")
 EXTRA_DRAIN_TOOLS = (
@@ -749,7 +754,53 @@ def bench_startup(env: BenchEnv, runs: int) -> dict[str, t.Any]:
             "cpu": summarize(cpu),
         }
     out["importtime"] = _importtime(imports, 5)
+    out["module_cpu"] = _module_import_cpu(max(10, runs // 3))
     return out
+
+
+# The standard-library modules the push path imports, one by one in a fresh interpreter.
+# They share dependencies (collections, re, enum...), so the figures overlap: each says what
+# removing that import alone could save at most.
+PUSH_PATH_MODULES = (
+    "typing",
+    "dataclasses",
+    "contextlib",
+    "shlex",
+    "re",
+    "subprocess",
+    "shutil",
+    "socket",
+    "json",
+    "hashlib",
+    "struct",
+    "signal",
+    "fcntl",
+)
+
+
+def _module_import_cpu(runs: int) -> dict[str, t.Any]:
+    """Median CPU ms of ``python3 -I -S -c 'import M'`` minus that of ``-c pass``, per module."""
+    py = [SYSTEM_PYTHON, "-I", "-S", "-c"]
+    codes = {"pass": "pass", **{m: f"import {m}" for m in PUSH_PATH_MODULES}}
+    codes["zstandard"] = (
+        "import sys; sys.path.append('/usr/lib/python3/dist-packages'); import zstandard"
+    )
+    cpu: dict[str, list[float]] = {name: [] for name in codes}
+    names = list(codes)
+    for i in range(runs):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            cpu[name].append(timed_run([*py, codes[name]])[1])
+    bare = percentile(cpu["pass"], 50)
+    return {
+        "runs": runs,
+        "bare_cpu_ms": bare,
+        "modules": {
+            name: {"cpu_ms": values, "extra_cpu_ms_p50": percentile(values, 50) - bare}
+            for name, values in cpu.items()
+            if name != "pass"
+        },
+    }
 
 
 _IMPORTTIME_RE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")

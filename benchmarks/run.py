@@ -637,6 +637,24 @@ def _startup(st: dict[str, t.Any]) -> list[str]:
         ],
         rows,
     )
+    mod = st.get("module_cpu")
+    if mod:
+        out += [
+            f"CPU of importing one module in a fresh `python3 -I -S` ({mod['runs']} runs,"
+            f" median, minus `-c pass` at {mod['bare_cpu_ms']:.1f} ms). Modules share"
+            " dependencies, so the figures overlap; each is what dropping that import alone"
+            " could save at most:",
+            "",
+        ]
+        out += _table(
+            ["module", "extra CPU ms"],
+            [
+                [f"`{name}`", _f(m["extra_cpu_ms_p50"])]
+                for name, m in sorted(
+                    mod["modules"].items(), key=lambda kv: -kv[1]["extra_cpu_ms_p50"]
+                )
+            ],
+        )
     imp = st["importtime"]
     out += [
         "`-X importtime` of the push imports (median of 5 runs; top-level imports by"
