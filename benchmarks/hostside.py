@@ -240,7 +240,13 @@ def apply_variants(lib: str, variants: t.Collection[str]) -> None:
     if "nofork" in variants:
         import signal
 
-        def run_inline(work: t.Callable[[], int], timeout: float, fail_code: int, what: str) -> int:
+        def run_inline(
+            work: t.Callable[[], int],
+            timeout: float,
+            fail_code: int,
+            what: str,
+            isolate: bool = True,
+        ) -> int:
             # The same bound with SIGALRM in this process: no fork, no second address space.
             if timeout <= 0:
                 return work()

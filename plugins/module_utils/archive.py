@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
-from dataclasses import dataclass
+import typing as t
 
 from ansible_collections.pitr.postgresql.plugins.module_utils import compression
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
@@ -45,8 +46,7 @@ class WalNotArchivedError(PitrError):
     """The requested file is truly not in the archive (the normal end of WAL)."""
 
 
-@dataclass(frozen=True)
-class PushResult:
+class PushResult(t.NamedTuple):
     name: str
     action: str  # "archived" or "already archived"
     size: int
@@ -54,8 +54,7 @@ class PushResult:
     codec: str
 
 
-@dataclass(frozen=True)
-class FetchResult:
+class FetchResult(t.NamedTuple):
     name: str
     size: int
     stored_size: int
@@ -130,11 +129,36 @@ def push(
         wal = WalFileName.parse(name)
     except WalNameError as exc:
         raise PitrError(str(exc), wal=name) from exc
+    data = _read(source_path, name)
+    try:
+        return _push(repo, wal, name, data, codec, level, cluster)
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
+def _read(source_path: str, name: str) -> bytes:
+    """The file's bytes: mapped, not copied (saves a 16 MiB copy per segment)."""
     try:
         with open(source_path, "rb") as fh:
-            data = fh.read()
+            try:
+                # An mmap serves as bytes for hashing, compression and header parsing.
+                return t.cast(bytes, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+            except ValueError:  # an empty file cannot be mapped
+                return fh.read()
     except OSError as exc:
         raise PitrError(f"cannot read {source_path}: {exc.strerror}", wal=name) from exc
+
+
+def _push(
+    repo: Repository,
+    wal: WalFileName,
+    name: str,
+    data: bytes,
+    codec: str,
+    level: int | None,
+    cluster: RepositoryIdentity | None,
+) -> PushResult:
 
     pushing = cluster
     if wal.kind in (SEGMENT, PARTIAL):
@@ -242,4 +266,8 @@ def fetch(repo: Repository, name: str, dest_path: str) -> FetchResult:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise PitrError(f"cannot write {dest_path}: {exc.strerror}", wal=name) from exc
+    except BaseException:  # a timeout alarm: leave nothing behind either
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return FetchResult(name, header.size, header.stored_size, header.codec)

@@ -12,8 +12,6 @@ libraries are looked for there explicitly, and only when a codec is first used.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 import typing as t
 
@@ -103,6 +101,8 @@ class _Program(_Codec):
         self.path = path
 
     def _run(self, argv: list[str], data: bytes) -> bytes:
+        import subprocess  # only on hosts without the library: keep it off the start-up path
+
         proc = subprocess.run(argv, input=data, capture_output=True, check=False)
         if proc.returncode != 0:
             raise CompressionError(
@@ -123,6 +123,12 @@ class _Program(_Codec):
 _cache: dict[str, _Codec | None] = {}
 
 
+def _which(program: str) -> str | None:
+    import shutil
+
+    return shutil.which(program)
+
+
 def _load(name: str) -> _Codec | None:
     if name in _cache:
         return _cache[name]
@@ -135,14 +141,14 @@ def _load(name: str) -> _Codec | None:
         mod = _import_optional("zstandard")
         if mod is not None:
             codec = _ZstdLib(mod)
-        elif shutil.which("zstd"):
-            codec = _Program("zstd", str(shutil.which("zstd")))
+        elif _which("zstd"):
+            codec = _Program("zstd", str(_which("zstd")))
     elif name == "lz4":
         mod = _import_optional("lz4.frame")
         if mod is not None:
             codec = _Lz4Lib(mod)
-        elif shutil.which("lz4"):
-            codec = _Program("lz4", str(shutil.which("lz4")))
+        elif _which("lz4"):
+            codec = _Program("lz4", str(_which("lz4")))
     else:
         raise CompressionError(
             f"unknown compression {name!r}: choose one of {', '.join((AUTO, *CODECS))}"

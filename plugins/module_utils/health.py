@@ -260,7 +260,7 @@ def inspect_repository(
             problem = exc.msg
     report = {
         "path": path,
-        "identity": asdict(identity) if identity is not None else None,
+        "identity": identity._asdict() if identity is not None else None,
         "wal_summary": summary,
     }
     return report, problem

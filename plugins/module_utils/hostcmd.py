@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import signal
 import sys
 import time
@@ -138,20 +137,53 @@ def _mib(n: int) -> str:
     return f"{n / 1048576:.1f} MiB" if n >= 1048576 else f"{n} bytes"
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Raised by SIGALRM; a BaseException so that no ``except Exception`` swallows it."""
 
 
 def _on_alarm(signum: int, frame: t.Any) -> None:
     raise _Timeout()
 
 
-def run_bounded(work: t.Callable[[], int], timeout: float, fail_code: int, what: str) -> int:
-    """Run ``work`` in a child process and give up after ``timeout`` seconds.
+# File systems on which a process can sleep uninterruptibly when the server behind them hangs.
+_NETWORK_FS = frozenset(
+    ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "lustre", "gpfs")
+)
 
-    A child stuck on a hung network file system may not even die from SIGKILL (it sleeps
-    uninterruptibly in the kernel); the parent does not wait for it, so PostgreSQL gets its
-    answer in time either way.
+
+def may_hang(path: str, mounts: str | None = None) -> bool:
+    """Whether ``path`` lives on a network or FUSE file system (or we cannot tell).
+
+    ``mounts`` is the text of /proc/self/mounts (read when not given).
+    """
+    try:
+        if mounts is None:
+            with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+                mounts = fh.read()
+        real = os.path.realpath(path)
+    except OSError:
+        return True
+    best, fstype = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return not best or fstype in _NETWORK_FS or fstype.startswith("fuse")
+
+
+def run_bounded(
+    work: t.Callable[[], int], timeout: float, fail_code: int, what: str, isolate: bool = True
+) -> int:
+    """Run ``work`` and give up after ``timeout`` seconds.
+
+    With ``isolate`` the work runs in a child process: a child stuck on a hung network file
+    system may not even die from SIGKILL (it sleeps uninterruptibly in the kernel); the parent
+    does not wait for it, so PostgreSQL gets its answer in time either way. On local storage
+    an alarm in this process is enough, and saves the fork (about 6 ms of CPU per segment).
     """
     if timeout <= 0:
         try:
@@ -159,34 +191,50 @@ def run_bounded(work: t.Callable[[], int], timeout: float, fail_code: int, what:
         except Exception as exc:  # a bug must still end in the action's failure code
             log(f"{what} FAILED: unexpected {type(exc).__name__}: {exc}")
             return fail_code
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = fail_code
-        try:
-            code = work()
-        except BaseException as exc:  # never let the child return into the caller
-            log(f"{what} FAILED: unexpected {type(exc).__name__}: {exc}")
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
     previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        status = os.waitpid(pid, 0)[1]
-    except _Timeout:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-        log(
-            f"{what} FAILED: no answer from the repository within {timeout:g} s (--timeout);"
-            " check the storage behind it (a hung mount, a full or slow disk)"
-        )
-        return fail_code
+        if not isolate:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                return work()
+            except _Timeout:
+                _log_timeout(what, timeout)
+                return fail_code
+            except Exception as exc:
+                log(f"{what} FAILED: unexpected {type(exc).__name__}: {exc}")
+                return fail_code
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # child
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            code = fail_code
+            try:
+                code = work()
+            except BaseException as exc:  # never let the child return into the caller
+                log(f"{what} FAILED: unexpected {type(exc).__name__}: {exc}")
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            status = os.waitpid(pid, 0)[1]
+        except _Timeout:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            _log_timeout(what, timeout)
+            return fail_code
+        code = os.waitstatus_to_exitcode(status)
+        return code if code >= 0 else fail_code
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    code = os.waitstatus_to_exitcode(status)
-    return code if code >= 0 else fail_code
+
+
+def _log_timeout(what: str, timeout: float) -> None:
+    log(
+        f"{what} FAILED: no answer from the repository within {timeout:g} s (--timeout);"
+        " check the storage behind it (a hung mount, a full or slow disk)"
+    )
 
 
 def _push(opts: Options) -> int:
@@ -238,9 +286,14 @@ def _fetch_once(opts: Options) -> int:
 def _fetch(opts: Options) -> int:
     """Bounded attempts, each within --timeout; only 'truly absent' may exit 1."""
     name = opts.args[0]
+    isolate = may_hang(opts.repo)
     for attempt in range(1, opts.retries + 1):
         code = run_bounded(
-            lambda: _fetch_once(opts), opts.timeout, _ATTEMPT_FAILED, f"fetch {name}"
+            lambda: _fetch_once(opts),
+            opts.timeout,
+            _ATTEMPT_FAILED,
+            f"fetch {name}",
+            isolate=isolate,
         )
         if code in (0, FETCH_NOT_FOUND):
             return code
@@ -303,7 +356,13 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         sys.stdout.write(VERSION + "\n")
         return 0
     if opts.action == "push":
-        return run_bounded(lambda: _push(opts), opts.timeout, PUSH_FAILED, f"push {opts.args[0]}")
+        return run_bounded(
+            lambda: _push(opts),
+            opts.timeout,
+            PUSH_FAILED,
+            f"push {opts.args[0]}",
+            isolate=may_hang(opts.repo),
+        )
     if opts.action == "fetch":
         try:
             return _fetch(opts)
@@ -315,6 +374,8 @@ def main(argv: t.Sequence[str] | None = None) -> int:
 
 def _quote(arg: str) -> str:
     # archive_command/restore_command expand %p, %f and %%: a literal % must be doubled.
+    import shlex
+
     return shlex.quote(arg).replace("%", "%%")
 
 

@@ -30,7 +30,6 @@ import json
 import struct
 import time
 import typing as t
-from dataclasses import asdict, dataclass
 
 from ansible_collections.pitr.postgresql.plugins.module_utils import compression
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
@@ -63,8 +62,7 @@ _LEN = struct.Struct(">I")
 _MAX_HEADER = 64 * 1024
 
 
-@dataclass(frozen=True)
-class RepositoryIdentity:
+class RepositoryIdentity(t.NamedTuple):
     """The cluster a repository belongs to."""
 
     system_identifier: int
@@ -78,8 +76,7 @@ class RepositoryIdentity:
         )
 
 
-@dataclass(frozen=True)
-class WalObjectHeader:
+class WalObjectHeader(t.NamedTuple):
     """The envelope header of one archived WAL file."""
 
     name: str
@@ -200,7 +197,7 @@ class Repository:
         current = self.identity()
         created = False
         if current is None:
-            rec = asdict(wanted)
+            rec: dict[str, t.Any] = wanted._asdict()
             rec.update(
                 format=REPOSITORY_FORMAT,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -244,8 +241,8 @@ class Repository:
                 + ". Two clusters must never share an archive: give this cluster its own"
                 " repository (after a major upgrade or a new initdb, a new repository).",
                 repository=self.describe(),
-                repository_identity=asdict(current),
-                cluster_identity=asdict(wanted),
+                repository_identity=current._asdict(),
+                cluster_identity=wanted._asdict(),
             )
 
     # WAL --------------------------------------------------------------------------------

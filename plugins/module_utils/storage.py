@@ -14,11 +14,9 @@ import errno
 import fcntl
 import json
 import os
-import socket
 import time
 import typing as t
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
     LockHeldError,
@@ -31,8 +29,7 @@ TEMP_PREFIX = ".tmp-"
 LOCK_DIR = "locks"
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(t.NamedTuple):
     """What the storage knows about one stored object."""
 
     key: str
@@ -314,7 +311,7 @@ class PosixStorage:
                     time.sleep(0.1)
             record = {
                 "pid": os.getpid(),
-                "host": socket.gethostname(),
+                "host": os.uname().nodename,
                 "purpose": purpose,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }

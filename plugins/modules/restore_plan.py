@@ -346,7 +346,6 @@ waldump_calls:
 import os
 import shutil
 import typing as t
-from dataclasses import asdict
 from datetime import UTC, datetime
 
 from ansible.module_utils.basic import AnsibleModule
@@ -520,7 +519,7 @@ def main() -> None:
         state = recovery.read_data_dir_state(data_dir)
         result: dict[str, t.Any] = {
             "changed": False,
-            "repository": {"path": p["repository_path"], **asdict(identity)},
+            "repository": {"path": p["repository_path"], **identity._asdict()},
             "pg_bindir": bindir,
         }
         if p["validate_only"]:

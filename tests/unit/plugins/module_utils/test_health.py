@@ -297,7 +297,7 @@ def test_inspect_repository_of_this_cluster(tmp_path: Path) -> None:
         wal_segment_size=MIB16,
     )
     assert problem is None
-    assert report["identity"] == dataclasses.asdict(IDENTITY)
+    assert report["identity"] == IDENTITY._asdict()
     assert report["wal_summary"]["files"] == 0
     assert report["path"] == str(tmp_path)
 

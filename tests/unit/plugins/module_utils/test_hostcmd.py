@@ -306,6 +306,79 @@ def test_run_bounded_restores_the_alarm_handler() -> None:
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
+def test_run_bounded_in_process_gives_up_on_a_hung_action(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    pid = os.getpid()
+    ran_here: list[bool] = []
+
+    def hang() -> int:
+        ran_here.append(os.getpid() == pid)
+        time.sleep(30)
+        return 0
+
+    started = time.monotonic()
+    code = hostcmd.run_bounded(hang, 0.5, 42, "fetch X", isolate=False)
+    elapsed = time.monotonic() - started
+    assert code == 42 and ran_here == [True]
+    assert 0.4 < elapsed < 3.0
+    assert "fetch X FAILED: no answer from the repository within 0.5 s" in capfd.readouterr().err
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_run_bounded_in_process_timeout_is_not_swallowed_by_except_exception() -> None:
+    # The alarm must end the action even when the code under it catches Exception broadly.
+    def hang_catching_everything() -> int:
+        try:
+            time.sleep(30)
+        except Exception:
+            return 0
+        return 0
+
+    assert hostcmd.run_bounded(hang_catching_everything, 0.3, 42, "x", isolate=False) == 42
+
+
+def test_run_bounded_in_process_exception_is_the_fail_code(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    def boom() -> int:
+        raise RuntimeError("kaboom")
+
+    assert hostcmd.run_bounded(boom, 5.0, 42, "push X", isolate=False) == 42
+    assert "push X FAILED: unexpected RuntimeError: kaboom" in capfd.readouterr().err
+
+
+MOUNTS = """\
+/dev/vda / ext4 rw,relatime 0 0
+tmpfs /tmp tmpfs rw 0 0
+server:/export /srv/pitr nfs4 rw,hard 0 0
+sshfs#host: /mnt/fuse fuse.sshfs rw 0 0
+/dev/vdb /srv/pitr/local ext4 rw 0 0
+/dev/vdc /mnt/with\\040space xfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "hangs"),
+    [
+        ("/var/lib/pitr", False),  # ext4 root
+        ("/tmp/repo", False),
+        ("/srv/pitr", True),  # the NFS mount itself
+        ("/srv/pitr/repo", True),
+        ("/srv/pitr/local/repo", False),  # a local disk mounted below the NFS mount
+        ("/srv/pitrx", False),  # a sibling name is not inside /srv/pitr
+        ("/mnt/fuse/repo", True),
+        ("/mnt/with space/repo", False),
+    ],
+)
+def test_may_hang_by_file_system_type(path: str, hangs: bool) -> None:
+    assert hostcmd.may_hang(path, MOUNTS) is hangs
+
+
+def test_may_hang_when_nothing_is_known() -> None:
+    assert hostcmd.may_hang("/srv/repo", "") is True  # no mount table: isolate, to be safe
+
+
 def _reap() -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
