@@ -1,0 +1,512 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Base backup throughput and verification speed against baselines in the same run.
+
+    sudo .venv/bin/python benchmarks/backup_bench.py --out DIR [--scale 30] [--rounds 3]
+
+One scratch cluster loaded with ``pgbench -i -s SCALE`` and archiving through
+``pgbackrest archive-push`` (pgBackRest needs it for its backups). Before every timed run a
+``CHECKPOINT``. Per round, in a rotated order:
+
+* ``module``: the base_backup module's defaults (tar, server-zstd:1, fast checkpoint,
+  manifest checksums ``auto``, then our verification), run through ``pitr-backup``, the
+  base_backup role's host command, which calls ``backup.run_base_backup`` (the function the
+  module calls) with the module's default parameters; its JSON result splits the time into
+  pg_basebackup and verification.
+* ``tar``: ``tar cf`` of the data directory into a file.
+* ``plain``: ``pg_basebackup -D DIR -Fp -c fast``, then ``pg_verifybackup`` on it (timed apart).
+* ``tar-zstd``, ``tar-lz4``: ``pg_basebackup -Ft -c fast --compress=server-zstd:1 / server-lz4:1``.
+* ``pgbackrest``: ``pgbackrest backup --type=full`` with compress-type=zst level 1, start-fast.
+* ``tar-gzip`` (``client-gzip``, first round only: slow).
+
+Our verifier handles tar backups only on PostgreSQL 15 (plain ones go to pg_verifybackup), so
+the verification ratio compares ours on the module's tar backup with pg_verifybackup on the
+plain backup of the same cluster in the same round. Page cache is warm for every tool (caches
+cannot be dropped here); the data directory is read once before the first round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import typing as t
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import contextlib
+
+from benchlib import (
+    PG_BIN,
+    ROOT,
+    SYSTEM_PYTHON,
+    BenchError,
+    ScratchCluster,
+    as_postgres,
+    chown_postgres,
+    drop_page_cache_of,
+    install_host_command,
+    ratio,
+    timed_run,
+)
+from benchlib import (
+    run as run_cmd,
+)
+
+STANZA = "bench"
+TOOLS = ("module", "tar", "plain", "tar-zstd", "tar-lz4", "pgbackrest")
+ONCE = ("tar-gzip",)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="directory for results.md/json")
+    p.add_argument("--scale", type=int, default=30, help="pgbench scale factor [30]")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every tool [3]")
+    p.add_argument("--no-gzip", action="store_true", help="skip the client-gzip run")
+    p.add_argument("--workdir", type=Path, default=None, help="scratch directory")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    return p.parse_args(argv)
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _data_files(path: Path) -> list[str]:
+    out = []
+    for dirpath, _dirs, files in os.walk(path):
+        out += [os.path.join(dirpath, n) for n in files]
+    return [p for p in out if os.path.isfile(p) and not os.path.islink(p)]
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    chown_postgres(path)
+    return path
+
+
+class Setup:
+    """The cluster, the installed host commands, the pgBackRest stanza, scratch directories."""
+
+    def __init__(self, workdir: Path, scale: int) -> None:
+        if os.geteuid() != 0:
+            raise BenchError("run as root: the server and every timed command run as postgres")
+        if shutil.which("pgbackrest") is None:
+            raise BenchError("pgbackrest is missing: apt-get install -y pgbackrest")
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        chown_postgres(workdir)
+        self.prefix = workdir / "prefix"
+        self.pitr_wal = install_host_command(self.prefix, precompile=True)
+        self.pitr_backup = str(self.prefix / "bin" / "pitr-backup")
+        shutil.copy2(ROOT / "roles" / "base_backup" / "files" / "pitr-backup", self.pitr_backup)
+        os.chmod(self.pitr_backup, 0o644)
+        self.repo = _fresh(workdir / "repo")
+        self.out = _fresh(workdir / "out")
+        self.cluster = ScratchCluster(workdir / "cluster", port=55441)
+        self.cluster.create(
+            {
+                "checkpoint_timeout": "'1h'",
+                "shared_buffers": "'128MB'",
+                "max_wal_senders": "10",
+            }
+        )
+        self.pgbr = workdir / "pgbackrest"
+        for sub in ("repo", "lock", "log", "spool"):
+            (self.pgbr / sub).mkdir(parents=True, exist_ok=True)
+        self.pgbr_conf = self.pgbr / "pgbackrest.conf"
+        lines = [
+            "[global]",
+            f"repo1-path={self.pgbr / 'repo'}",
+            f"lock-path={self.pgbr / 'lock'}",
+            f"log-path={self.pgbr / 'log'}",
+            f"spool-path={self.pgbr / 'spool'}",
+            "log-level-console=warn",
+            "log-level-file=off",
+            "compress-type=zst",
+            "compress-level=1",
+            "start-fast=y",
+            "repo1-retention-full=9999",
+            f"[{STANZA}]",
+            f"pg1-path={self.cluster.datadir}",
+            f"pg1-port={self.cluster.port}",
+            f"pg1-socket-path={self.cluster.socket_dir}",
+        ]
+        self.pgbr_conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        chown_postgres(self.pgbr, recursive=True)
+        self.cluster.write_archive_settings(
+            {"archive_command": f"'{self.pgbackrest_argv('archive-push')[0]} %p'"}
+        )
+        self.cluster.start()
+        run_cmd(
+            [SYSTEM_PYTHON, "-I", "-S", self.pitr_wal, "--repo", str(self.repo), "init",
+             "--pgdata", str(self.cluster.datadir)]
+        )  # fmt: skip
+        log(f"cluster in {self.cluster.base}; pgbench -i -s {scale}")
+        run_cmd(self.cluster.pgbench_argv("-i", "-q", "-s", str(scale)), timeout=1200)
+        self.cluster.psql("CHECKPOINT")
+        os.sync()
+        run_cmd(self.pgbackrest_argv("stanza-create"), timeout=120)
+        run_cmd(self.pgbackrest_argv("check"), timeout=180)
+        self.cluster_bytes = _dir_size(self.cluster.datadir)
+
+    def pgbackrest_argv(self, command: str) -> list[str]:
+        if command == "archive-push":
+            return [f"pgbackrest --config={self.pgbr_conf} --stanza={STANZA} archive-push"]
+        return ["pgbackrest", f"--config={self.pgbr_conf}", f"--stanza={STANZA}", command]
+
+    def conn(self) -> list[str]:
+        return ["-h", str(self.cluster.socket_dir), "-p", str(self.cluster.port), "-U", "postgres"]
+
+    def teardown(self, keep: bool) -> None:
+        try:
+            self.cluster.stop()
+        finally:
+            if not keep:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _module_run(s: Setup, label: str) -> dict[str, t.Any]:
+    argv = [
+        SYSTEM_PYTHON, "-I", s.pitr_backup, "--repo", str(s.repo), "--label", label,
+        "--socket-dir", str(s.cluster.socket_dir), "--port", str(s.cluster.port),
+        "--user", "postgres",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=1800, check=False, cwd="/", **as_postgres()
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise BenchError(f"pitr-backup exited {proc.returncode}: {proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    backup_dir = s.repo / "backups" / label
+    size = _dir_size(backup_dir)
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return {
+        "wall_s": wall,
+        "basebackup_s": float(result["backup_seconds"]),
+        "verify_s": float(result["verify_seconds"]),
+        "verify_tool": result["backup"].get("verification", {}).get("tool"),
+        "cmd": result.get("cmd"),
+        "stored_bytes": size,
+    }
+
+
+def _pgbackrest_size(s: Setup) -> int:
+    return _dir_size(s.pgbr / "repo" / "backup")
+
+
+def run_tool(s: Setup, tool: str, rnd: int) -> dict[str, t.Any]:
+    """One timed run of ``tool``; the result has ``wall_s`` (and more for some tools)."""
+    s.cluster.psql("CHECKPOINT")
+    dest = _fresh(s.out / tool)
+    base = [str(PG_BIN / "pg_basebackup"), *s.conn(), "-c", "fast", "--no-password"]
+    res: dict[str, t.Any]
+    if tool == "module":
+        res = _module_run(s, f"bench-r{rnd}")
+    elif tool == "tar":
+        wall, cpu = timed_run(
+            ["tar", "cf", str(dest / "data.tar"), "-C", str(s.cluster.datadir), "."],
+            cwd="/",
+            timeout=1800,
+        )
+        res = {"wall_s": wall / 1000, "cpu_s": cpu / 1000}
+    elif tool == "plain":
+        wall, cpu = timed_run([*base, "-D", str(dest / "b"), "-Fp"], cwd="/", timeout=1800)
+        vwall, vcpu = timed_run(
+            [str(PG_BIN / "pg_verifybackup"), str(dest / "b")], cwd="/", timeout=1800
+        )
+        res = {"wall_s": wall / 1000, "cpu_s": cpu / 1000, "verify_s": vwall / 1000}
+        res["verify_cpu_s"] = vcpu / 1000
+    elif tool == "pgbackrest":
+        before = _pgbackrest_size(s)
+        wall, cpu = timed_run([*s.pgbackrest_argv("backup"), "--type=full"], cwd="/", timeout=1800)
+        res = {"wall_s": wall / 1000, "cpu_s": cpu / 1000}
+        res["stored_bytes"] = _pgbackrest_size(s) - before
+        # expire what this round added so the repository does not grow without bound
+    else:
+        compress = {
+            "tar-zstd": "server-zstd:1",
+            "tar-lz4": "server-lz4:1",
+            "tar-gzip": "client-gzip",
+        }[tool]
+        wall, cpu = timed_run(
+            [*base, "-D", str(dest / "b"), "-Ft", f"--compress={compress}"], cwd="/", timeout=3600
+        )
+        res = {"wall_s": wall / 1000, "cpu_s": cpu / 1000}
+    if "stored_bytes" not in res:
+        res["stored_bytes"] = _dir_size(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    res["tool"] = tool
+    res["round"] = rnd
+    res["loadavg"] = os.getloadavg()[0]
+    return res
+
+
+def _median(values: t.Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
+    """Run the benchmark (root); the results (raw runs, medians, per-round ratios)."""
+    started = time.time()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pitr-bbench-", dir="/var/tmp"))
+    s = Setup(workdir, args.scale)
+    raw: list[dict[str, t.Any]] = []
+    try:
+        drop_page_cache_of(_data_files(s.cluster.datadir))
+        rounds = max(1, int(args.rounds))
+        for rnd in range(rounds):
+            order = list(TOOLS[rnd % len(TOOLS) :] + TOOLS[: rnd % len(TOOLS)])
+            if rnd % 2 == 1:
+                order.reverse()
+            if rnd == 0 and not getattr(args, "no_gzip", False):
+                order += list(ONCE)
+            log(f"round {rnd + 1}/{rounds}: {', '.join(order)}")
+            for tool in order:
+                res = run_tool(s, tool, rnd)
+                log(f"  {tool}: {res['wall_s']:.2f} s")
+                raw.append(res)
+    finally:
+        s.teardown(getattr(args, "keep", False))
+    return summarize(raw, s.cluster_bytes, args, time.time() - started)
+
+
+def summarize(
+    raw: list[dict[str, t.Any]], cluster_bytes: int, args: argparse.Namespace, took: float
+) -> dict[str, t.Any]:
+    tools = sorted({r["tool"] for r in raw})
+    med: dict[str, dict[str, float | None]] = {}
+    for tool in tools:
+        rs = [r for r in raw if r["tool"] == tool]
+        med[tool] = {
+            key: _median([float(r[key]) for r in rs if key in r])
+            for key in ("wall_s", "cpu_s", "basebackup_s", "verify_s", "stored_bytes")
+        }
+        med[tool]["n"] = len(rs)
+    # Per-round ratios, then their median: both runs of a ratio saw the same load.
+    per_round: dict[str, list[float]] = {}
+    rounds = sorted({r["round"] for r in raw})
+    for rnd in rounds:
+        by = {r["tool"]: r for r in raw if r["round"] == rnd}
+
+        def add(name: str, num: float | None, den: float | None) -> None:
+            value = ratio(num, den)
+            if value is not None:
+                per_round.setdefault(name, []).append(value)
+
+        mod = by.get("module")
+        if mod is None:
+            continue
+        add("module_other_s_abs", mod["wall_s"] - mod["basebackup_s"] - mod["verify_s"], 1.0)
+        for base in ("tar", "pgbackrest", "plain", "tar-zstd"):
+            if base in by:
+                # speed ratio: baseline time / our time (>1 means we are faster)
+                add(f"module_total_vs_{base}", by[base]["wall_s"], mod["wall_s"])
+                add(f"module_basebackup_vs_{base}", by[base]["wall_s"], mod["basebackup_s"])
+        for other in ("tar-zstd", "tar-lz4", "tar-gzip"):
+            if other in by and "tar" in by:
+                add(f"{other}_vs_tar", by["tar"]["wall_s"], by[other]["wall_s"])
+        if "pgbackrest" in by and "tar" in by:
+            add("pgbackrest_vs_tar", by["tar"]["wall_s"], by["pgbackrest"]["wall_s"])
+        if "plain" in by and "tar" in by:
+            add("plain_vs_tar", by["tar"]["wall_s"], by["plain"]["wall_s"])
+        if "plain" in by:
+            add("verify_vs_pg_verifybackup", by["plain"]["verify_s"], mod["verify_s"])
+    ratios = {k: {"median": statistics.median(v), "rounds": v} for k, v in per_round.items()}
+    return {
+        "benchmark": "backup",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cluster_bytes": cluster_bytes,
+        "loadavg_end": os.getloadavg(),
+        "duration_s": took,
+        "entry_point": "pitr-backup host command -> backup.run_base_backup (module defaults)",
+        "raw": raw,
+        "medians": med,
+        "ratios": ratios,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, t.Any]:
+    """The registration API for benchmarks/run.py: run and return the results.
+
+    ``args`` may be run.py's namespace: options this benchmark has and it lacks take this
+    benchmark's defaults (``workdir``/``out`` are never taken from it).
+    """
+    merged = parse_args([])
+    for key, value in vars(args).items():
+        if hasattr(merged, key) and key not in ("workdir", "out"):
+            setattr(merged, key, value)
+    return run_bench(merged)
+
+
+def _fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for h in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*out, ""]
+
+
+LABELS = {
+    "module": "module defaults (tar, server-zstd:1, + our verify)",
+    "tar": "`tar cf` of the data directory",
+    "plain": "`pg_basebackup -Fp`",
+    "tar-zstd": "`pg_basebackup -Ft` server-zstd:1",
+    "tar-lz4": "`pg_basebackup -Ft` server-lz4:1",
+    "tar-gzip": "`pg_basebackup -Ft` client-gzip (1 round)",
+    "pgbackrest": "`pgbackrest backup --type=full` zst-1",
+}
+
+
+def render(results: dict[str, t.Any]) -> str:
+    med = results["medians"]
+    # What a copy of the data directory holds at backup time (after the CHECKPOINT recycled
+    # WAL): the tar file's size. The size at setup counts WAL that checkpoints later removed.
+    tar_bytes = (med.get("tar") or {}).get("stored_bytes")
+    mb = (tar_bytes or results["cluster_bytes"]) / 1e6
+    rat = results["ratios"]
+    lines = [
+        "## Base backup",
+        "",
+        f"Data directory {mb:.0f} MB as tar (pgbench scale {results['args'].get('scale')};"
+        " MB/s below is this size / wall time), warm page cache,"
+        f" CHECKPOINT before each run, {results['args'].get('rounds')} rounds in rotated order;"
+        f" took {results['duration_s']:.0f} s, load average at end"
+        f" {results['loadavg_end'][0]:.1f}. Module measured through {results['entry_point']}.",
+        "",
+    ]
+    rows = []
+    for tool in ("module", "tar", "plain", "tar-zstd", "tar-lz4", "tar-gzip", "pgbackrest"):
+        m = med.get(tool)
+        if not m:
+            continue
+        wall = m["wall_s"]
+        rows.append(
+            [
+                LABELS[tool],
+                str(int(m["n"] or 0)),
+                _fmt(wall),
+                _fmt(m.get("basebackup_s")),
+                _fmt(m.get("verify_s")),
+                _fmt(mb / wall if wall else None, 0),
+                _fmt((m.get("stored_bytes") or 0) / 1e6, 0),
+            ]
+        )
+    lines += _table(
+        ["what", "n", "wall s (median)", "pg_basebackup s", "verify s", "MB/s", "stored MB"], rows
+    )
+
+    def r(key: str) -> float | None:
+        return rat.get(key, {}).get("median")
+
+    def ok(value: float | None, target: float) -> str:
+        return "-" if value is None else ("yes" if value >= target else "**no**")
+
+    tr = [
+        [
+            "module total (backup + verify) vs tar",
+            _fmt(r("module_total_vs_tar"), 2, "x"),
+            ">= 1.0x",
+            ok(r("module_total_vs_tar"), 1.0),
+        ],
+        [
+            "module pg_basebackup part vs tar",
+            _fmt(r("module_basebackup_vs_tar"), 2, "x"),
+            ">= 1.0x",
+            ok(r("module_basebackup_vs_tar"), 1.0),
+        ],
+        [
+            "module total vs pgbackrest zst-1",
+            _fmt(r("module_total_vs_pgbackrest"), 2, "x"),
+            ">= 2.0x",
+            ok(r("module_total_vs_pgbackrest"), 2.0),
+        ],
+        [
+            "module pg_basebackup part vs pgbackrest zst-1",
+            _fmt(r("module_basebackup_vs_pgbackrest"), 2, "x"),
+            ">= 2.0x",
+            ok(r("module_basebackup_vs_pgbackrest"), 2.0),
+        ],
+        [
+            "module pg_basebackup part vs the same `pg_basebackup -Ft` server-zstd:1 by hand",
+            _fmt(r("module_basebackup_vs_tar-zstd"), 2, "x"),
+            "-",
+            "-",
+        ],
+        [
+            "module rest (start-up, catalog; s, not a ratio)",
+            _fmt(r("module_other_s_abs"), 2, " s"),
+            "-",
+            "-",
+        ],
+        [
+            "our verify (tar, zstd) vs pg_verifybackup (plain)",
+            _fmt(r("verify_vs_pg_verifybackup"), 2, "x"),
+            ">= 0.9x",
+            ok(r("verify_vs_pg_verifybackup"), 0.9),
+        ],
+    ]
+    for key in ("plain_vs_tar", "tar-zstd_vs_tar", "tar-lz4_vs_tar", "tar-gzip_vs_tar"):
+        tr.append([key.replace("_vs_", " vs ").replace("_", " "), _fmt(r(key), 2, "x"), "-", "-"])
+    tr.append(["pgbackrest vs tar", _fmt(r("pgbackrest_vs_tar"), 2, "x"), "-", "-"])
+    lines += [
+        "Speed ratios (baseline time / our time, so > 1 is faster), median of per-round ratios:",
+        "",
+    ]
+    lines += _table(["ratio", "value", "target", "met"], tr)
+    lines.append(
+        "Our verifier handles tar only on PostgreSQL 15, so it is timed on the module's"
+        " server-zstd:1 tar backup and compared with pg_verifybackup on the plain backup of the"
+        " same cluster in the same round."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _terminate(signum: int, frame: t.Any) -> None:
+    # Unwind through the finally blocks: stop pgbench and the scratch servers, remove files.
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def main(argv: t.Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    out = args.out or ROOT / "benchmarks" / "results" / time.strftime("backup-%Y%m%dT%H%M%S")
+    try:
+        results = run_bench(args)
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "backup.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    text = render(results)
+    (out / "backup.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
