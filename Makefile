@@ -170,8 +170,13 @@ test: bootstrap lint sanity unit integration molecule
 demo: bootstrap
 	bash tools/demo.sh
 
+# Each benchmark measures its baselines in the same run and writes a table plus raw JSON under
+# benchmarks/results/. Not part of `make test`: tests never assert on time.
 bench: bootstrap
 	$(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/backup_bench.py
+	$(PYTHON) benchmarks/restore_bench.py
+	$(PYTHON) benchmarks/dump_bench.py
 
 # ---------------------------------------------------------------------------------------------
 
