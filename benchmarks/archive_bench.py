@@ -745,8 +745,8 @@ def bench_startup(env: BenchEnv, runs: int) -> dict[str, t.Any]:
         )
     out: dict[str, t.Any] = {"runs": runs, "commands": {}}
     for name, pairs in samples.items():
-        wall = [w for w, _ in pairs]
-        cpu = [c for _, c in pairs]
+        wall = [pair[0] for pair in pairs]
+        cpu = [pair[1] for pair in pairs]
         out["commands"][name] = {
             "ms": wall,
             "cpu_ms": cpu,
@@ -809,7 +809,7 @@ _IMPORTTIME_RE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 def _importtime(code: str, runs: int) -> dict[str, t.Any]:
     """``-X importtime`` of the push imports: median self and cumulative time per module."""
     per: dict[str, list[tuple[int, int, int]]] = {}
-    for _ in range(runs):
+    for _round in range(runs):
         proc = subprocess.run(
             [SYSTEM_PYTHON, "-I", "-S", "-X", "importtime", "-c", code],
             capture_output=True,
@@ -897,7 +897,7 @@ def bench_compression(env: BenchEnv, segments: int, repeat: int) -> dict[str, t.
 
 def _cli_measure(argv: list[str], out_path: Path, repeat: int) -> dict[str, float]:
     walls, cpus = [], []
-    for _ in range(repeat):
+    for _round in range(repeat):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         with open(out_path, "wb") as out:

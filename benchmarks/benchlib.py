@@ -11,6 +11,7 @@ before exec), so no ``runuser``/PAM process sits between the timer and the comma
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import resource
@@ -69,7 +70,7 @@ def summarize(values: t.Sequence[float]) -> dict[str, float]:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0 or a != a or b != b:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return None
     return a / b
 

@@ -22,6 +22,7 @@ Only ``os`` and ``sys`` are imported up front: ``push-variant`` is itself timed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import typing as t
@@ -331,7 +332,7 @@ def _measure(fn: t.Callable[[], t.Any], repeat: int) -> dict[str, float]:
     import time
 
     walls, cpus = [], []
-    for _ in range(repeat):
+    for _round in range(repeat):
         w0, c0 = time.perf_counter(), time.process_time()
         fn()
         walls.append(time.perf_counter() - w0)
@@ -371,11 +372,7 @@ def codecs(argv: list[str]) -> int:
                 continue
         compressed: list[bytes] = []
 
-        def do_compress(
-            impl: t.Any = impl, level: int = level, out: list[bytes] = compressed
-        ) -> None:
-            out.clear()
-            out.extend(impl.compress(s, level) for s in segments)
+        do_compress = functools.partial(_compress_into, impl, level, compressed, segments)
 
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         comp = _measure(do_compress, repeat)
@@ -383,12 +380,7 @@ def codecs(argv: list[str]) -> int:
         child_cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / repeat
         stored = sum(len(c) for c in compressed)
 
-        def do_decompress(
-            impl: t.Any = impl, blobs: list[bytes] = compressed, label: str = label
-        ) -> None:
-            for blob, seg in zip(blobs, segments, strict=True):
-                if len(impl.decompress(blob, len(seg))) != len(seg):
-                    raise SystemExit(f"{label}: round trip changed the size")
+        do_decompress = functools.partial(_check_round_trip, impl, compressed, segments, label)
 
         decomp = _measure(do_decompress, repeat)
         cpu = comp["cpu_s"] + child_cpu
@@ -543,3 +535,14 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def _compress_into(impl: t.Any, level: int, out: list[bytes], segments: list[bytes]) -> None:
+    out.clear()
+    out.extend(impl.compress(s, level) for s in segments)
+
+
+def _check_round_trip(impl: t.Any, blobs: list[bytes], segments: list[bytes], label: str) -> None:
+    for blob, seg in zip(blobs, segments, strict=True):
+        if len(impl.decompress(blob, len(seg))) != len(seg):
+            raise SystemExit(f"{label}: round trip changed the size")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -233,7 +234,7 @@ def run_all(args: argparse.Namespace) -> dict[str, t.Any]:
 
 
 def _f(value: t.Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
@@ -245,7 +246,7 @@ def _x(value: float | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _column in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return [*out, ""]
 
@@ -356,7 +357,7 @@ def _targets(results: dict[str, t.Any]) -> list[str]:
             ">= 1.00x",
             None if r is None else r >= 1.0,
         )
-    peak, _ = _pgbench_rate(results)
+    peak = _pgbench_rate(results)[0]
     if "pitr-wal-zstd" in drain and peak:
         r = ratio(drain["pitr-wal-zstd"]["mb_s"], peak)
         add(

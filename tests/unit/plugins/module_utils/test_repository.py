@@ -289,7 +289,7 @@ def test_list_wal_in_replay_order_and_ignores_strangers(
         repo.put_wal(n, n.encode(), "none")
     mem.put("wal/0000000100000000/notes.txt", b"x")
     mem.put(IDENTITY_KEY, b"{}")
-    assert [w.name for w, _ in repo.list_wal()] == [
+    assert [entry[0].name for entry in repo.list_wal()] == [
         "000000010000000000000001",
         "000000010000000000000002",
         wal_samples.BACKUP_NAME,
@@ -313,7 +313,7 @@ def test_wal_summary_counts(repo: Repository) -> None:
     summary = repo.wal_summary()
     assert summary["files"] == 6
     assert summary["history_files"] == ["00000002.history"]
-    assert summary["bytes"] == sum(i.size for _, i in repo.list_wal())
+    assert summary["bytes"] == sum(entry[1].size for entry in repo.list_wal())
     tl1 = summary["timelines"]["00000001"]
     assert (tl1["segments"], tl1["partial"], tl1["backup_files"]) == (2, 1, 1)
     assert (tl1["oldest"], tl1["newest"]) == (
