@@ -28,6 +28,7 @@ export DEBIAN_FRONTEND := noninteractive
 
 APT_PACKAGES := postgresql postgresql-contrib python3-venv python3-psycopg python3-zstandard \
 	python3-crc32c python3-lz4 zstd lz4 pgbackrest podman runc debootstrap uidmap fuse-overlayfs rsync sudo git \
+	openssh-client \
 	shellcheck
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET := $(SUDO) apt-get -o DPkg::Lock::Timeout=600
