@@ -71,6 +71,8 @@ TL1_B1_B2 = [4, 5, 6]
 TL1_AFTER_B2 = [7, 8, 9]
 TL2_BEFORE_B3 = [101, 102, 103]
 TL2_AFTER_B3 = [104, 105, 106]
+# Seconds between the stop times of b2 and b3, so a window can start half-way between them.
+B2_B3_MIN_GAP = 20
 
 
 @dataclass
@@ -370,6 +372,12 @@ def world() -> t.Iterator[World]:
         assert (repo / wal_key("00000002.history")).exists()
         insert_markers(cluster, TL2_BEFORE_B3)
         switch_and_archive(cluster)
+        # The window tests put a window's start half-way between b2's and b3's stop times and
+        # need room on both sides; the restore above usually takes long enough, but not always.
+        b2_rec = catalog.read_backup(Repository.open_posix(str(repo)), "b2")
+        assert b2_rec is not None
+        b2_stopped = dt.datetime.fromisoformat(b2_rec.stop_time)
+        time.sleep(max(0.0, B2_B3_MIN_GAP - (dt.datetime.now(dt.UTC) - b2_stopped).total_seconds()))
         take_backup(cluster, repo, "b3")
         insert_markers(cluster, TL2_AFTER_B3)
         assert switch_and_archive(cluster).startswith("00000002")
@@ -392,7 +400,7 @@ def world() -> t.Iterator[World]:
 def window_between_b2_and_b3(world: World) -> str:
     """A recovery window whose start lies half-way between b2's and b3's stop times."""
     middle = world.b2_stop + (world.b3_stop - world.b2_stop) / 2
-    assert (world.b3_stop - world.b2_stop).total_seconds() > 15
+    assert (world.b3_stop - world.b2_stop).total_seconds() >= B2_B3_MIN_GAP
     return f"{int((dt.datetime.now(dt.UTC) - middle).total_seconds())}s"
 
 
