@@ -859,14 +859,14 @@ def test_hung_destination_times_out(
     )
     assert_push_failed(push, "no answer from the repository within 2 s")
     assert push.rc == 1
-    assert 1.8 <= push.elapsed < 5, push.elapsed
+    assert 1.8 <= push.elapsed < 8, push.elapsed
 
     fetch, _unused = fetch_to(
         program, repo_dir, name, out_dir, "--timeout", "2", "--retries", "1", "--retry-delay", "0"
     )
     assert fetch.rc == 255, str(fetch)
     assert "no answer from the repository within 2 s" in fetch.stderr
-    assert 1.8 <= fetch.elapsed < 5, fetch.elapsed
+    assert 1.8 <= fetch.elapsed < 8, fetch.elapsed
     assert os.listdir(out_dir) == []
 
     # --timeout bounds each attempt: two hung attempts of 1 s with a 0.5 s pause, at most
@@ -878,7 +878,7 @@ def test_hung_destination_times_out(
     assert fetch.stderr.count(f"fetch {name} FAILED: no answer from the repository within 1 s") == 2
     assert f"fetch {name}: attempt 1 of 2 failed; retrying" in fetch.stderr
     assert f"fetch {name} FAILED after 2 attempt(s)" in fetch.stderr
-    assert 2 * 1 + 0.5 - 0.1 <= fetch.elapsed <= 2 * (1 + 0.5) + 2, fetch.elapsed
+    assert 2 * 1 + 0.5 - 0.1 <= fetch.elapsed <= 2 * (1 + 0.5) + 5, fetch.elapsed
     assert os.listdir(out_dir) == []
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # nothing replaced it
 
