@@ -1420,7 +1420,11 @@ class WaldumpInspector:
         self.pg_waldump = pg_waldump
         self.segment_size = segment_size
         self.calls = 0
-        self._dir = tempfile.mkdtemp(prefix="pitr-waldump-")
+        self._placeholders: set[str] = set()
+        # Segments are read once and thrown away: memory-backed /dev/shm when there is one.
+        shm = "/dev/shm"
+        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+        self._dir = tempfile.mkdtemp(prefix="pitr-waldump-", dir=base)
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -1431,13 +1435,30 @@ class WaldumpInspector:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _materialise(self, name: str) -> None:
+    def _materialise(self, name: str) -> bool:
+        """Put archived segment ``name`` in the private directory; False when not archived."""
         path = os.path.join(self._dir, name)
-        if os.path.exists(path) or self.repo.wal_stat(name) is None:
-            return
+        if name in self._placeholders:
+            return False
+        if os.path.exists(path):
+            return True
+        if self.repo.wal_stat(name) is None:
+            return False
         data = self.repo.get_wal(name)[1]  # verifies the checksum
         with open(path, "wb") as fh:
             fh.write(data)
+        return True
+
+    def _placeholder(self, name: str) -> None:
+        """A sparse all-zero file standing for a segment that is not archived.
+
+        pg_waldump retries a missing segment ten times, half a second apart, before giving up
+        (5 s for every read that reaches the end of the archive). A page of zeros ends its
+        read at once with "invalid magic number 0000 ... <name>": the same answer, now.
+        """
+        with open(os.path.join(self._dir, name), "wb") as fh:
+            fh.truncate(self.segment_size)
+        self._placeholders.add(name)
 
     def _dump(self, segment: str, *extra: str) -> SegmentSummary:
         """pg_waldump over ``segment`` and, for a record crossing its end, the next one."""
@@ -1447,19 +1468,23 @@ class WaldumpInspector:
         self._materialise(segment)
         w = WalFileName.parse(segment)
         segno = w.segment_number(self.segment_size)
-        self._materialise(segment_name(w.timeline, segno + 1, self.segment_size))
+        following = segment_name(w.timeline, segno + 1, self.segment_size)
+        if not self._materialise(following) and following not in self._placeholders:
+            self._placeholder(following)
         first = segno * self.segment_size
         stop = first + self.segment_size
-        # --end bounds the read to this segment and the next (the private directory keeps
+        # The read is bounded to this segment and the next (the private directory keeps
         # other segments too); records are then kept only when they start in this segment.
         result = runner.run(
             [
                 self.pg_waldump,
                 f"--path={self._dir}",
-                f"--timeline={w.timeline}",
-                f"--start={format_lsn(first)}",
-                f"--end={format_lsn(stop + self.segment_size)}",
                 *extra,
+                # STARTSEG ENDSEG: from the start of this segment to the end of the next.
+                # Named, so that pg_waldump reads the segment size from this file and not
+                # from whichever file it lists first (a placeholder has no header).
+                segment,
+                following,
             ],
             check=False,
             timeout=600,
@@ -1467,7 +1492,9 @@ class WaldumpInspector:
         # pg_waldump exits non-zero where the readable WAL ends (the next segment is not
         # archived, or zeros follow the last record): expected, everything before it was
         # printed. Anything else, with nothing printed, is a real failure.
-        end_of_wal = any(m in result.stderr for m in _WALDUMP_END_OF_WAL)
+        end_of_wal = any(m in result.stderr for m in _WALDUMP_END_OF_WAL) or (
+            "invalid magic number 0000" in result.stderr and following in result.stderr
+        )
         if result.rc != 0 and not end_of_wal and not _WALDUMP_RECORD.search(result.stdout):
             raise RecoveryPlanError(
                 f"pg_waldump cannot read archived segment {segment}:"
