@@ -37,11 +37,10 @@ files                   file names inside ``backups/<label>/`` (the record exclu
 from __future__ import annotations
 
 import datetime as dt
-import json
-import re
 import typing as t
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 
+from ansible_collections.pitr.postgresql.plugins.module_utils import records
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import RepositoryError
 from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (
     BACKUP_PREFIX,
@@ -52,27 +51,20 @@ RECORD_VERSION = 1
 RECORD_NAME = "backup.json"
 STATUSES = ("running", "ok", "failed", "expiring")
 FORMATS = ("tar", "plain")
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def default_label(now: dt.datetime | None = None) -> str:
     """A label from the UTC time: ``20261125T141500Z``."""
-    now = now or dt.datetime.now(dt.UTC)
-    return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return records.utc_label(now)
 
 
 def check_label(label: str) -> str:
     """Return ``label`` if it is a safe directory name, else raise RepositoryError."""
-    if not _LABEL_RE.match(label):
-        raise RepositoryError(
-            f"backup label {label!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-',"
-            " starting with a letter or digit"
-        )
-    return label
+    return records.check_label(label, "backup label", RepositoryError)
 
 
 @dataclass(frozen=True)
-class BackupRecord:
+class BackupRecord(records.RecordBase):
     """The catalog record of one base backup (see the module docstring for the fields)."""
 
     label: str
@@ -109,62 +101,46 @@ class BackupRecord:
     @classmethod
     def from_dict(cls, data: t.Mapping[str, t.Any]) -> BackupRecord:
         """Build a record from a dict; unknown keys are ignored, wrong types raise ValueError."""
-        version = int(data.get("record_version", RECORD_VERSION))
-        if version > RECORD_VERSION:
-            raise ValueError(
-                f"record_version {version} is newer than this collection reads ({RECORD_VERSION});"
-                " upgrade pitr.postgresql"
-            )
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        records.check_record_version(data, RECORD_VERSION)
+        values = records.known_fields(cls, data)
         if "label" not in values or "status" not in values:
             raise ValueError("a backup record needs at least label and status")
         rec = cls(**values)
         if rec.status not in STATUSES:
             raise ValueError(f"status {rec.status!r} is not one of {', '.join(STATUSES)}")
-        for name in ("timeline", "system_identifier", "pg_major", "size_on_disk", "cluster_size"):
-            if not isinstance(getattr(rec, name), int) or isinstance(getattr(rec, name), bool):
-                raise ValueError(f"{name} must be an integer, got {getattr(rec, name)!r}")
-        if not isinstance(rec.verified, bool):
-            raise ValueError(f"verified must be true or false, got {rec.verified!r}")
+        records.check_types(
+            rec,
+            integers=("timeline", "system_identifier", "pg_major", "size_on_disk", "cluster_size"),
+            booleans=("verified",),
+        )
         if not isinstance(rec.files, list) or not isinstance(rec.verification, dict):
             raise ValueError("files must be a list and verification an object")
         return rec
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
-
-    def with_changes(self, **changes: t.Any) -> BackupRecord:
-        return replace(self, **changes)
-
-    @property
-    def usable(self) -> bool:
-        return usable(self)
-
 
 def usable(record: BackupRecord) -> bool:
     """May restore use this backup? Only when it completed (``ok``) and verified."""
-    return record.status == "ok" and record.verified is True
+    return record.usable
 
 
 def _sort_key(record: BackupRecord) -> tuple[str, str]:
     return (record.start_time or record.stop_time or "", record.label)
 
 
+_SHELF: records.RecordShelf[BackupRecord] = records.RecordShelf(
+    prefix=BACKUP_PREFIX,
+    record_name=RECORD_NAME,
+    record_key=Repository.backup_record_key,
+    parse=BackupRecord.from_dict,
+    sort_key=_sort_key,
+    noun="catalog record",
+    item="backup",
+)
+
+
 def read_backup(repo: Repository, label: str) -> BackupRecord | None:
     """The record of ``label``, or None when there is none (no backup, or an unfinished one)."""
-    key = repo.backup_record_key(check_label(label))
-    if repo.storage.stat(key) is None:
-        return None
-    raw = repo.storage.get(key)
-    try:
-        return BackupRecord.from_dict(json.loads(raw))
-    except (ValueError, TypeError) as exc:
-        raise RepositoryError(
-            f"the catalog record {key} in {repo.describe()} is unreadable ({exc}); the backup"
-            " cannot be used until it is re-verified or removed",
-            key=key,
-        ) from exc
+    return _SHELF.read(repo, label)
 
 
 def write_backup(repo: Repository, record: BackupRecord, *, key: str | None = None) -> str:
@@ -173,10 +149,7 @@ def write_backup(repo: Repository, record: BackupRecord, *, key: str | None = No
     ``key`` lets the backup code write the record into its staging directory first, so that
     the record and the files appear in ``backups/`` together.
     """
-    check_label(record.label)
-    target = key or repo.backup_record_key(record.label)
-    repo.storage.put(target, record.to_json(), overwrite=True)
-    return target
+    return _SHELF.write(repo, record, key=key)
 
 
 def list_backups(repo: Repository) -> list[BackupRecord]:
@@ -184,21 +157,7 @@ def list_backups(repo: Repository) -> list[BackupRecord]:
 
     Records that cannot be read are skipped here; ``read_backup`` reports them.
     """
-    records: list[BackupRecord] = []
-    suffix = "/" + RECORD_NAME
-    for info in repo.storage.list(BACKUP_PREFIX):
-        key = info.key
-        if not key.endswith(suffix) or key.count("/") != 2:
-            continue
-        label = key.split("/")[1]
-        try:
-            rec = read_backup(repo, label)
-        except RepositoryError:
-            continue
-        if rec is not None:
-            records.append(rec)
-    records.sort(key=_sort_key, reverse=True)
-    return records
+    return _SHELF.newest_first(repo)
 
 
 def usable_backups(repo: Repository) -> list[BackupRecord]:

@@ -52,16 +52,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import json
 import os
 import re
 import shutil
 import tempfile
 import time
 import typing as t
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 
-from ansible_collections.pitr.postgresql.plugins.module_utils import backup, runner
+from ansible_collections.pitr.postgresql.plugins.module_utils import backup, records, runner
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
     CommandError,
     IntegrityError,
@@ -84,7 +83,6 @@ GLOBALS_FORMAT = "plain"
 SCOPES = ("database", "globals")
 GLOBALS = "globals"
 LOCK_NAME = "dump"
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
 
 
@@ -97,18 +95,12 @@ class DumpError(PitrError):
 
 def default_run_label(now: dt.datetime | None = None) -> str:
     """A run label from the UTC time: ``20261125T141500Z``."""
-    now = now or dt.datetime.now(dt.UTC)
-    return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return records.utc_label(now)
 
 
 def check_label(label: str, what: str = "dump label") -> str:
     """Return ``label`` if it is a safe directory name, else raise DumpError."""
-    if not _LABEL_RE.match(label or ""):
-        raise DumpError(
-            f"{what} {label!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-',"
-            " starting with a letter or digit"
-        )
-    return label
+    return records.check_label(label, what, DumpError)
 
 
 def name_slug(database: str) -> str:
@@ -135,7 +127,7 @@ def dump_label(run: str, database: str, scope: str = "database") -> str:
 
 
 @dataclass(frozen=True)
-class DumpRecord:
+class DumpRecord(records.RecordBase):
     """The catalog record of one logical dump (see the module docstring for the fields)."""
 
     label: str
@@ -166,20 +158,11 @@ class DumpRecord:
         d["files"] = list(self.files)
         return d
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
-
     @classmethod
     def from_dict(cls, data: t.Mapping[str, t.Any]) -> DumpRecord:
         """Build a record from a dict; unknown keys are ignored, wrong values raise ValueError."""
-        version = int(data.get("record_version", RECORD_VERSION))
-        if version > RECORD_VERSION:
-            raise ValueError(
-                f"record_version {version} is newer than this collection reads ({RECORD_VERSION});"
-                " upgrade the collection"
-            )
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
+        records.check_record_version(data, RECORD_VERSION)
+        values = records.known_fields(cls, data)
         for required in ("label", "database", "status"):
             if not isinstance(values.get(required), str) or not values[required]:
                 raise ValueError(f"a dump record needs {required} (a non-empty string)")
@@ -192,30 +175,21 @@ class DumpRecord:
             raise ValueError(f"scope {rec.scope!r} is not one of {', '.join(SCOPES)}")
         if rec.format not in (*FORMATS, GLOBALS_FORMAT):
             raise ValueError(f"format {rec.format!r} is not custom, directory or plain")
-        for name in ("jobs", "size", "record_version"):
-            value = getattr(rec, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("verified", "large_objects"):
-            if not isinstance(getattr(rec, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(rec, name)!r}")
+        records.check_types(
+            rec,
+            integers=("jobs", "size", "record_version"),
+            booleans=("verified", "large_objects"),
+        )
         if not isinstance(rec.files, list):
             raise ValueError("files must be a list")
         if not isinstance(rec.verification, dict) or not isinstance(rec.database_properties, dict):
             raise ValueError("verification and database_properties must be objects")
         return rec
 
-    def with_changes(self, **changes: t.Any) -> DumpRecord:
-        return replace(self, **changes)
-
-    @property
-    def usable(self) -> bool:
-        return usable(self)
-
 
 def usable(record: DumpRecord) -> bool:
     """May restore use this dump? Only when it completed (``ok``) and verified."""
-    return record.status == "ok" and record.verified is True
+    return record.usable
 
 
 def series_key(record: DumpRecord) -> tuple[str, str]:
@@ -230,20 +204,21 @@ def _sort_key(record: DumpRecord) -> tuple[str, str]:
 # Reading and writing records ---------------------------------------------------------------------
 
 
+_SHELF: records.RecordShelf[DumpRecord] = records.RecordShelf(
+    prefix=DUMP_PREFIX,
+    record_name=RECORD_NAME,
+    record_key=Repository.dump_record_key,
+    parse=DumpRecord.from_dict,
+    sort_key=_sort_key,
+    noun="dump record",
+    item="dump",
+    label_error=DumpError,
+)
+
+
 def read_dump(repo: Repository, label: str) -> DumpRecord | None:
     """The record of ``label``, or None when there is none (no dump, or an unfinished one)."""
-    key = repo.dump_record_key(check_label(label))
-    if repo.storage.stat(key) is None:
-        return None
-    raw = repo.storage.get(key)
-    try:
-        return DumpRecord.from_dict(json.loads(raw))
-    except (ValueError, TypeError) as exc:
-        raise RepositoryError(
-            f"the dump record {key} in {repo.describe()} is unreadable ({exc}); the dump"
-            " cannot be used until it is re-verified or removed",
-            key=key,
-        ) from exc
+    return _SHELF.read(repo, label)
 
 
 def write_dump(repo: Repository, record: DumpRecord, *, key: str | None = None) -> str:
@@ -253,10 +228,7 @@ def write_dump(repo: Repository, record: DumpRecord, *, key: str | None = None) 
     record into the staging directory, so that the files and their record appear in
     ``dumps/`` together, in one rename.
     """
-    check_label(record.label)
-    target = key or repo.dump_record_key(record.label)
-    repo.storage.put(target, record.to_json(), overwrite=True)
-    return target
+    return _SHELF.write(repo, record, key=key)
 
 
 def list_dumps(repo: Repository) -> list[DumpRecord]:
@@ -264,20 +236,7 @@ def list_dumps(repo: Repository) -> list[DumpRecord]:
 
     Records that cannot be read are skipped here; ``read_dump`` reports them.
     """
-    records: list[DumpRecord] = []
-    suffix = "/" + RECORD_NAME
-    for info in repo.storage.list(DUMP_PREFIX):
-        key = info.key
-        if not key.endswith(suffix) or key.count("/") != 2:
-            continue
-        try:
-            rec = read_dump(repo, key.split("/")[1])
-        except (RepositoryError, DumpError):
-            continue
-        if rec is not None:
-            records.append(rec)
-    records.sort(key=_sort_key, reverse=True)
-    return records
+    return _SHELF.newest_first(repo)
 
 
 def usable_dumps(repo: Repository, database: str | None = None) -> list[DumpRecord]:
