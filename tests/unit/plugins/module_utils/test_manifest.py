@@ -323,3 +323,165 @@ def test_list_tar_files(tmp_path: Path) -> None:
     assert m.list_tar_files(str(tmp_path)) == ("base.tar.zst", "pg_wal.tar", ["16384.tar.zst"])
     assert m.tar_compression("base.tar.lz4") == "lz4"
     assert m.tar_compression("backup_manifest") is None
+
+
+# fast paths: C checksums, chunked reading, parallel tar files -----------------------------------
+
+
+def crc32c_implementations() -> list[tuple[str, t.Callable[[t.Any, int], int]]]:
+    impls: list[tuple[str, t.Callable[[t.Any, int], int]]] = [("python", m.crc32c_python)]
+    isal = m.isal_crc32c()
+    if isal is not None:
+        impls.append(("isal", isal))
+    fast = m.fast_crc32c()
+    if fast is not None:
+        impls.append(("fast", fast))
+    return impls
+
+
+@pytest.mark.parametrize(("name", "impl"), crc32c_implementations())
+def test_crc32c_implementations_agree_on_every_buffer_kind(
+    name: str, impl: t.Callable[[t.Any, int], int]
+) -> None:
+    data = os.urandom(100_003) if name != "python" else os.urandom(3001)
+    whole = m.crc32c_python(data)
+    assert impl(b"123456789", 0) == 0xE3069283
+    assert impl(b"", 0) == 0 and impl(b"", 1234) == 1234
+    assert impl(data, 0) == whole
+    writable = bytearray(data)
+    readonly = memoryview(data)
+    for buf in (writable, memoryview(writable), readonly):
+        crc = 0
+        for start in range(0, len(data), 777):
+            crc = impl(memoryview(buf)[start : start + 777], crc)
+        assert crc == whole, (name, type(buf))
+
+
+def test_fast_crc32c_prefers_isal_when_installed() -> None:
+    isal = m.isal_crc32c()
+    fast = m.fast_crc32c()
+    if isal is None:
+        pytest.skip("libisal2 is not installed here")
+    assert fast is not None
+    assert fast.__qualname__ == isal.__qualname__
+
+
+@pytest.mark.parametrize("codec", ["none", "gzip", "zstd", "lz4"])
+def test_verify_reads_across_small_chunks(
+    tmp_path: Path, codec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1000-byte chunks: headers, data and padding straddle chunk boundaries everywhere.
+    monkeypatch.setattr(m, "READ_CHUNK", 1000)
+    d = make_backup(tmp_path, codec=codec, algorithm="CRC32C")
+    report = m.verify_tar_backup(str(d), segment_size=SEG)
+    assert report.ok, report.problems
+    assert report.files_checked == len(FILES)
+    assert report.captured["backup_label"] == BACKUP_LABEL_BYTES
+
+
+@pytest.mark.parametrize("codec", ["none", "gzip", "zstd", "lz4"])
+def test_verify_detects_a_flipped_byte_in_every_member(tmp_path: Path, codec: str) -> None:
+    for path, data in FILES.items():
+        if not data:
+            continue
+        work = tmp_path / f"{codec}-{path.replace('/', '_')}"
+        work.mkdir()
+        d = make_backup(work, codec=codec, algorithm="CRC32C")
+        damaged = dict(FILES)
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0x10
+        damaged[path] = bytes(flipped)
+        write_tar(d / f"base.tar{SUFFIX[codec]}", damaged, codec)
+        report = m.verify_tar_backup(str(d), segment_size=SEG)
+        assert report.problems == [report.problems[0]], report.problems
+        assert f"{path} fails its CRC32C checksum" in report.problems[0]
+
+
+def test_verify_detects_damage_in_padding_and_after_the_end(tmp_path: Path) -> None:
+    d = make_backup(tmp_path)
+    good = (d / "base.tar").read_bytes()
+    # base/1/1259 is 3 blocks of 8192 + 17 bytes: its padding follows its last 17 bytes.
+    data = FILES["base/1/1259"]
+    pad_at = good.index(data) + len(data) + 3
+    raw = bytearray(good)
+    raw[pad_at] = 0x41
+    (d / "base.tar").write_bytes(bytes(raw))
+    report = m.verify_tar_backup(str(d), segment_size=SEG)
+    assert any("base/1/1259 has non-zero padding" in p for p in report.problems), report.problems
+    raw = bytearray(good)
+    raw[-100] = 0x41
+    (d / "base.tar").write_bytes(bytes(raw))
+    report = m.verify_tar_backup(str(d), segment_size=SEG)
+    assert any("after its end-of-archive marker" in p for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip"])
+def test_verify_detects_corrupt_and_truncated_compressed_streams(
+    tmp_path: Path, codec: str
+) -> None:
+    d = make_backup(tmp_path, codec=codec, algorithm="CRC32C")
+    path = d / f"base.tar{SUFFIX[codec]}"
+    good = path.read_bytes()
+    for pos in (len(good) // 3, len(good) // 2, len(good) - 30):
+        raw = bytearray(good)
+        raw[pos] ^= 0x5A
+        path.write_bytes(bytes(raw))
+        assert not m.verify_tar_backup(str(d), segment_size=SEG).ok, (codec, pos)
+    for cut in (len(good) // 2, len(good) - 8):
+        path.write_bytes(good[:cut])
+        report = m.verify_tar_backup(str(d), segment_size=SEG)
+        assert not report.ok, (codec, cut)
+    path.write_bytes(good)
+    assert m.verify_tar_backup(str(d), segment_size=SEG).ok
+
+
+def test_verify_zstd_stream_of_several_frames(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    d = make_backup(tmp_path, codec="none", algorithm="CRC32C")
+    raw = (d / "base.tar").read_bytes()
+    (d / "base.tar").unlink()
+    cut = len(raw) // 2
+    frames = zstandard.ZstdCompressor(level=1).compress(raw[:cut])
+    frames += zstandard.ZstdCompressor(level=1).compress(raw[cut:])
+    (d / "base.tar.zst").write_bytes(frames)
+    report = m.verify_tar_backup(str(d), segment_size=SEG)
+    assert report.ok, report.problems
+    assert report.files_checked == len(FILES)
+
+
+def make_tablespace_backup(tmp_path: Path, codec: str = "zstd") -> tuple[Path, dict[str, bytes]]:
+    space = {"PG_15_202209061/16385/16386": os.urandom(20_000), "PG_15_202209061/16385/1": b"x"}
+    listed = dict(FILES)
+    listed.update({f"pg_tblspc/16384/{k}": v for k, v in space.items()})
+    d = tmp_path / "backup"
+    d.mkdir()
+    (d / "backup_manifest").write_bytes(make_manifest(listed, "CRC32C"))
+    write_tar(d / f"base.tar{SUFFIX[codec]}", FILES, codec)
+    write_tar(d / f"16384.tar{SUFFIX[codec]}", space, codec)
+    write_tar(d / "pg_wal.tar", {"000000010000000000000001": b"\x01" * SEG})
+    return d, space
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_verify_tablespace_tars_in_parallel_or_not(tmp_path: Path, parallel: bool) -> None:
+    d, space = make_tablespace_backup(tmp_path)
+    seen: list[int] = []
+    report = m.verify_tar_backup(str(d), segment_size=SEG, parallel=parallel, progress=seen.append)
+    assert report.ok, report.problems
+    assert report.files_checked == len(FILES) + len(space)
+    assert sum(seen) == report.bytes_read == sum(map(len, FILES.values())) + 20_001 + SEG
+    # damage in both tars, and a missing WAL segment: the same problems in the same order
+    damaged = dict(space)
+    damaged["PG_15_202209061/16385/16386"] = b"\0" + space["PG_15_202209061/16385/16386"][1:]
+    write_tar(d / "16384.tar.zst", damaged, "zstd")
+    base = dict(FILES)
+    del base["PG_VERSION"]
+    base["base/1/2"] = b"extra"
+    write_tar(d / "base.tar.zst", base, "zstd")
+    write_tar(d / "pg_wal.tar", {"000000010000000000000002": b"\x01" * SEG})
+    problems = m.verify_tar_backup(str(d), segment_size=SEG, parallel=parallel).problems
+    assert len(problems) == 4, problems
+    assert problems[0] == "base/1/2 is in the backup but not in the manifest"
+    assert problems[1].startswith("pg_tblspc/16384/PG_15_202209061/16385/16386 fails its CRC32C")
+    assert problems[2] == "PG_VERSION is in the manifest but not in the backup"
+    assert problems[3].startswith("WAL segment 000000010000000000000001 needed by the backup")
