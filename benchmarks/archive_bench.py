@@ -88,6 +88,7 @@ TOOL_LABELS = {
     "pitr-wal-lz4": "pitr-wal push, lz4-1",
     "pitr-wal-none": "pitr-wal push, none",
     "pitr-wal-zstd-nopyc": "pitr-wal push, zstd-1, no .pyc (root-owned, not precompiled)",
+    "pitr-wal-base-zstd": "pitr-wal push, zstd-1, at --base-ref (before)",
     "cp-sync": "cp + sync file + mv + sync dir (sh)",
     "basic_archive": "basic_archive (archive_library)",
     "pgbackrest-zst": "pgbackrest archive-push zst-1",
@@ -149,6 +150,8 @@ class BenchEnv:
     program_nopyc: str
     hostside: str
     corpus: list[Path] = field(default_factory=list)
+    prefix_base: Path | None = None  # --base-ref: module_utils of another commit
+    base_ref: str = ""
     pgbench_wal_mb_s: list[float] = field(default_factory=list)
     workload: list[str] = field(default_factory=list)  # pgbench arguments of the backlogs
     tpcb: dict[str, t.Any] = field(default_factory=dict)
@@ -158,8 +161,11 @@ class BenchEnv:
         return host_lib(self.prefix)
 
 
-def setup_env(workdir: Path) -> BenchEnv:
-    """Install the host command twice (precompiled, and not) and start a scratch cluster."""
+def setup_env(workdir: Path, base_ref: str | None = None) -> BenchEnv:
+    """Install the host command twice (precompiled, and not) and start a scratch cluster.
+
+    With ``base_ref`` a third copy gets that commit's module_utils (tool pitr-wal-base-zstd).
+    """
     if os.geteuid() != 0:
         raise BenchError("run the benchmarks as root: the servers and commands run as postgres")
     for tool in ("pgbackrest", "zstd", "lz4", "gzip"):
@@ -190,7 +196,40 @@ def setup_env(workdir: Path) -> BenchEnv:
         }
     )
     cluster.start()
-    return BenchEnv(workdir, cluster, prefix, prefix_nopyc, program, program_nopyc, hostside)
+    env = BenchEnv(workdir, cluster, prefix, prefix_nopyc, program, program_nopyc, hostside)
+    if base_ref:
+        env.prefix_base = install_base_ref(workdir / "prefix-base", base_ref)
+        env.base_ref = base_ref
+    return env
+
+
+def install_base_ref(prefix: Path, ref: str) -> Path:
+    """The host command with plugins/module_utils and the launcher as of git commit ``ref``."""
+    install_host_command(prefix, precompile=False)
+    pkg = Path(host_lib(prefix), "ansible_collections", "pitr", "postgresql", "plugins")
+    root = Path(__file__).resolve().parents[1]
+    listing = subprocess.run(
+        ["git", "-C", str(root), "ls-tree", "--name-only", ref, "plugins/module_utils/"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for old in (pkg / "module_utils").glob("*.py"):
+        old.unlink()
+    for path in [*listing, "roles/archiving/files/pitr-wal"]:
+        text = subprocess.run(
+            ["git", "-C", str(root), "show", f"{ref}:{path}"], check=True, capture_output=True
+        ).stdout
+        target = prefix / "bin" / "pitr-wal" if path.startswith("roles/") else pkg.parent / path
+        if path.endswith(".py") or path.startswith("roles/"):
+            target.write_bytes(text)
+    (pkg / "module_utils" / "__init__.py").touch()
+    run(
+        [SYSTEM_PYTHON, "-I", "-S", "-m", "compileall", "-q", str(prefix / "lib")],
+        postgres=False,
+    )
+    os.chmod(prefix, 0o755)
+    return prefix
 
 
 def install_hostside(prefix: Path) -> str:
@@ -455,6 +494,10 @@ def prepare_tool(env: BenchEnv, key: str, dest: Path) -> Tool:
 
         nopyc = key.endswith("-nopyc")
         program = env.program_nopyc if nopyc else env.program
+        if key.startswith("pitr-wal-base-"):
+            if env.prefix_base is None:
+                raise BenchError(f"{key} needs --base-ref COMMIT")
+            program = str(env.prefix_base / "bin" / "pitr-wal")
         run(
             [
                 SYSTEM_PYTHON,
@@ -475,7 +518,7 @@ def prepare_tool(env: BenchEnv, key: str, dest: Path) -> Tool:
                 f" --repo {dest} --compress zstd push %p"
             )
         else:
-            codec = key.split("-")[2]
+            codec = key.split("-")[-1]
             command = archive_command_for(program=program, repo=str(dest), compress=codec)
         return Tool(key, dest, command)
     raise BenchError(f"unknown tool {key!r}")

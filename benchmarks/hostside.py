@@ -271,24 +271,9 @@ def apply_variants(lib: str, variants: t.Collection[str]) -> None:
     if "writev" in variants:
 
         def put_wal(
-            self: t.Any,
-            name: str,
-            data: bytes,
-            codec: str,
-            level: int | None = None,
-            sha256: str | None = None,
+            self: t.Any, name: str, data: bytes, codec: str, level: int | None = None
         ) -> int:
-            payload = compression.compress(data, codec, level)
-            header = {
-                "v": 1,
-                "name": name,
-                "size": len(data),
-                "sha256": sha256 or repository.hashlib.sha256(data).hexdigest(),
-                "codec": codec,
-                "stored_size": len(payload),
-            }
-            raw = repository.json.dumps(header, sort_keys=True).encode()
-            head = b"".join((repository.ENVELOPE_MAGIC, repository._LEN.pack(len(raw)), raw))
+            head, payload = repository.encode_wal_parts(name, data, codec, level)
             _put_parts(self.storage, repository.wal_key(name), [head, payload])
             return len(head) + len(payload)
 
@@ -479,19 +464,28 @@ def stages(argv: list[str]) -> int:
         def __init__(self, label: str) -> None:
             self.sha256 = clock.wrap(label, hashlib.sha256)
 
-    archive.hashlib = _Hash("sha256 #1 (archive.push)")  # type: ignore[assignment]
-    repository.hashlib = _Hash("sha256 #2 (encode_wal_object)")  # type: ignore[assignment]
+    # Wrap what exists in the tree being measured (the push path changes under this benchmark).
+    if hasattr(archive, "hashlib"):
+        archive.hashlib = _Hash("sha256 in archive.push")  # type: ignore[assignment]
+    repository.hashlib = _Hash("sha256 of the stored bytes (envelope)")  # type: ignore[assignment]
     compression.compress = clock.wrap("compress zstd-1", compression.compress)
-    repository.json = type(sys)("json")
-    repository.json.dumps = clock.wrap("json header", json.dumps)
-    repository.json.loads = json.loads
+    if hasattr(repository, "json"):
+        json_stub = type(sys)("json")
+        json_stub.dumps = clock.wrap("json header", json.dumps)  # type: ignore[attr-defined]
+        json_stub.loads = json.loads  # type: ignore[attr-defined]
+        repository.json = json_stub
     storage.os = _TimedOs(clock)  # type: ignore[assignment]
     storage._fsync_dir = clock.wrap("fsync directory", _fsync_dir_real)
     repo_cls = repository.Repository
     repo_cls.identity = clock.wrap("identity + exists checks", repo_cls.identity)  # type: ignore[method-assign]
     repo_cls.wal_header = clock.wrap("identity + exists checks", repo_cls.wal_header)  # type: ignore[method-assign]
     real_open = builtins.open
-    archive.open = lambda *a, **k: _TimedFile(real_open(*a, **k), clock)  # type: ignore[attr-defined]
+    if hasattr(archive, "_read"):
+        # The source is mapped, not read: its pages are faulted in by the first stage that
+        # touches them (compression), so this is only open + mmap.
+        archive._read = clock.wrap("open + map source file", archive._read)
+    else:
+        archive.open = lambda *a, **k: _TimedFile(real_open(*a, **k), clock)  # type: ignore[attr-defined]
 
     per_stage: dict[str, list[float]] = {}
     totals: list[float] = []

@@ -115,6 +115,12 @@ def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="scratch directory (cluster, repositories) [a new one under $TMPDIR]",
     )
+    p.add_argument(
+        "--base-ref",
+        default=None,
+        help="also install plugins/module_utils of this git commit as the latency tool"
+        " `pitr-wal-base-zstd` (before/after comparisons in one interleaved run)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = p.parse_args(argv)
     args.selected = [b for b in args.benchmarks.split(",") if b]
@@ -188,7 +194,7 @@ def run_all(args: argparse.Namespace) -> dict[str, t.Any]:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pitr-bench-", dir="/var/tmp"))
-    env = ab.setup_env(workdir)
+    env = ab.setup_env(workdir, base_ref=args.base_ref)
     try:
         ab.load_data(env, args.scale, args.workload, args.tpcb_seconds)
         corpus_size = max(args.segments, args.compress_segments, args.stage_segments)

@@ -30,6 +30,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.repository import 
     IDENTITY_KEY,
     Repository,
     RepositoryIdentity,
+    WalObjectHeader,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
     LONG_HEADER_SIZE,
@@ -187,13 +188,14 @@ def _push(
     if pushing is not None:
         repo.check_identity(pushing, identity)
 
-    digest = hashlib.sha256(data).hexdigest()
+    # No SHA-256 of the whole segment here: the envelope (version 2) records the SHA-256 of
+    # the stored bytes, and the codec's frame checksum covers the original ones.
     existing = repo.wal_header(name)
     if existing is not None:
-        return _compare_existing(repo, name, data, digest, existing.sha256, existing.size)
+        return _compare_existing(repo, name, data, existing)
     resolved = compression.resolve(codec)
     try:
-        stored = repo.put_wal(name, data, resolved, level, digest)
+        stored = repo.put_wal(name, data, resolved, level)
     except ObjectExistsError:
         # Another archiver stored the same name between our check and our link.
         existing = repo.wal_header(name)
@@ -201,24 +203,32 @@ def _push(
             raise RepositoryError(
                 f"{name} vanished from the repository while being archived"
             ) from None
-        return _compare_existing(repo, name, data, digest, existing.sha256, existing.size)
+        return _compare_existing(repo, name, data, existing)
     return PushResult(name, "archived", len(data), stored, resolved)
 
 
 def _compare_existing(
-    repo: Repository, name: str, data: bytes, digest: str, their_digest: str, their_size: int
+    repo: Repository, name: str, data: bytes, existing: WalObjectHeader
 ) -> PushResult:
-    if their_digest == digest and their_size == len(data):
-        # Identical by recorded checksum; prove the stored copy is readable and complete
-        # before telling PostgreSQL it may recycle the segment.
-        header = repo.get_wal(name)[0]
-        return PushResult(name, "already archived", len(data), header.stored_size, header.codec)
+    """An archived copy exists: success only when it is intact and byte for byte ``data``.
+
+    Reading and verifying it first also proves the stored copy readable and complete before
+    PostgreSQL is told it may recycle the segment (IntegrityError when it is damaged).
+    """
+    theirs = ""
+    if existing.size == len(data):
+        header, stored = repo.get_wal(name)
+        if memoryview(data) == stored:
+            return PushResult(name, "already archived", len(data), header.stored_size, header.codec)
+        theirs = f", sha256 {hashlib.sha256(stored).hexdigest()[:16]}..."
+    elif existing.sha256:
+        theirs = f", sha256 {existing.sha256[:16]}..."
     raise ArchiveConflictError(
         f"{name} is already archived in {repo.describe()} with different content (archived:"
-        f" {their_size} bytes, sha256 {their_digest[:16]}...; this server: {len(data)} bytes,"
-        f" sha256 {digest[:16]}...). The archived copy was left untouched. Check whether two"
-        " clusters archive into one repository, or whether this server's WAL or the archive"
-        " is corrupt; fix that before archiving resumes.",
+        f" {existing.size} bytes{theirs}; this server: {len(data)} bytes, sha256"
+        f" {hashlib.sha256(data).hexdigest()[:16]}...). The archived copy was left untouched."
+        " Check whether two clusters archive into one repository, or whether this server's"
+        " WAL or the archive is corrupt; fix that before archiving resumes.",
         wal=name,
     )
 

@@ -4,10 +4,14 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import random
+import re
 import struct
 import typing as t
+import zlib
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,53 @@ def test_wal_key_refuses_non_wal_names(name: str) -> None:
         wal_key(name)
 
 
+# The patterns WalFileName.parse used before it parsed names by hand (no re on the push path).
+FORMER_NAME_PATTERNS = (
+    r"([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})",
+    r"([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})\.partial",
+    r"([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})\.([0-9A-F]{8})\.backup",
+    r"([0-9A-F]{8})\.history",
+)
+
+
+def _mutations(rng: random.Random, name: str) -> t.Iterator[str]:
+    alphabet = "0123456789ABCDEFabcdefGx._-+ \n/\u0661"
+    yield name
+    for _round in range(30):
+        chars = list(name)
+        i = rng.randrange(len(chars) + 1)
+        action = rng.randrange(3)
+        if action == 0 and chars:
+            chars[min(i, len(chars) - 1)] = rng.choice(alphabet)
+        elif action == 1:
+            chars.insert(i, rng.choice(alphabet))
+        elif chars:
+            del chars[min(i, len(chars) - 1)]
+        yield "".join(chars)
+
+
+def test_wal_names_parse_exactly_as_the_former_regular_expressions() -> None:
+    rng = random.Random(20261125)
+    seeds = [
+        "000000010000000000000001",
+        "0000000A00000001000000FF.partial",
+        "000000010000000000000002.00000028.backup",
+        "0000000B.history",
+    ]
+    checked = 0
+    for seed in seeds:
+        for name in _mutations(rng, seed):
+            former = [re.fullmatch(p, name) for p in FORMER_NAME_PATTERNS]
+            try:
+                wal_key(name)
+                parsed = True
+            except WalNameError:
+                parsed = False
+            assert parsed == any(former), name
+            checked += 1
+    assert checked == len(seeds) * 31
+
+
 def test_partial_and_full_segment_have_distinct_keys() -> None:
     assert wal_key("000000010000000000000003") != wal_key("000000010000000000000003.partial")
 
@@ -102,9 +153,17 @@ def test_envelope_round_trip(codec: str) -> None:
     assert data == SEG_DATA
     assert header.name == SEG
     assert header.size == 16 * MiB
-    assert header.sha256 == hashlib.sha256(SEG_DATA).hexdigest()
+    assert header.version == 2
+    assert header.sha256 == ""  # version 2 records no digest of the original bytes
     assert header.codec == codec
-    assert header.stored_size == len(blob) - len(ENVELOPE_MAGIC) - 4 - _header_len(blob)
+    assert header.stored_size == len(_payload(blob))
+    assert header.stored_sha256 == hashlib.sha256(_payload(blob)).hexdigest()
+
+
+@pytest.mark.parametrize("codec", [c for c in CODECS if c != "none"])
+def test_every_compressed_frame_carries_a_content_checksum(codec: str) -> None:
+    payload = _payload(encode_wal_object(SEG, SEG_DATA, codec))
+    assert compression.has_content_checksum(payload, codec)
 
 
 def _header_len(blob: bytes) -> int:
@@ -116,34 +175,44 @@ def _header_json(blob: bytes) -> dict[str, t.Any]:
     return dict(json.loads(blob[start : start + _header_len(blob)]))
 
 
-def _with_header(blob: bytes, **changes: t.Any) -> bytes:
-    start = len(ENVELOPE_MAGIC) + 4
-    payload = blob[start + _header_len(blob) :]
+def _payload(blob: bytes) -> bytes:
+    return blob[len(ENVELOPE_MAGIC) + 4 + _header_len(blob) :]
+
+
+def _with_header(blob: bytes, payload: bytes | None = None, **changes: t.Any) -> bytes:
+    magic = blob[: len(ENVELOPE_MAGIC)]
+    payload = _payload(blob) if payload is None else payload
     header = _header_json(blob)
     header.update(changes)
     for key in [k for k, v in changes.items() if v is None]:
         del header[key]
     raw = json.dumps(header).encode()
-    return ENVELOPE_MAGIC + struct.pack(">I", len(raw)) + raw + payload
+    return magic + struct.pack(">I", len(raw)) + raw + payload
 
 
 def test_envelope_header_is_json_with_the_documented_fields() -> None:
     blob = encode_wal_object(SEG, b"abc", "none")
-    assert _header_json(blob) == {
-        "v": 1,
+    expected = {
+        "v": 2,
         "name": SEG,
         "size": 3,
-        "sha256": hashlib.sha256(b"abc").hexdigest(),
         "codec": "none",
         "stored_size": 3,
+        "stored_sha256": hashlib.sha256(b"abc").hexdigest(),
     }
+    assert _header_json(blob) == expected
+    # Written by hand (no json import on the push path), exactly as json.dumps would.
+    start = len(ENVELOPE_MAGIC) + 4
+    assert blob[start : start + _header_len(blob)] == json.dumps(expected, sort_keys=True).encode()
     assert blob.endswith(b"abc")
 
 
-def test_envelope_accepts_a_precomputed_digest() -> None:
-    digest = hashlib.sha256(SEG_DATA).hexdigest()
-    blob = encode_wal_object(SEG, SEG_DATA, "none", None, digest)
-    assert decode_wal_object(blob, "k")[1] == SEG_DATA
+@pytest.mark.parametrize(
+    ("name", "codec"), [("../x", "none"), (SEG + '", "v": 3', "none"), (SEG, "brotli")]
+)
+def test_envelope_refuses_names_and_codecs_it_cannot_write(name: str, codec: str) -> None:
+    with pytest.raises(ValueError):
+        encode_wal_object(name, b"abc", codec)
 
 
 def test_decode_header_only_does_not_verify_the_payload() -> None:
@@ -162,11 +231,26 @@ def _flip(blob: bytes, offset: int) -> bytes:
     return bytes(b)
 
 
+def _resealed(blob: bytes, payload: bytes) -> bytes:
+    """``blob`` with another payload and that payload's correct stored checksum: damage that
+    only the codec's own frame checksum can notice."""
+    return _with_header(
+        blob, payload, stored_sha256=hashlib.sha256(payload).hexdigest(), stored_size=len(payload)
+    )
+
+
+def _zstd_frame_without_checksum() -> bytes:
+    if "zstd" not in CODECS:
+        return _payload(BLOB)[:-4]  # gzip: no member trailer (fails to decompress)
+    mod = compression._import_optional("zstandard")
+    return bytes(mod.ZstdCompressor(level=1).compress(SEG_DATA))
+
+
 CORRUPTIONS = {
     "empty": (b"", "bad magic or truncated"),
     "magic only": (ENVELOPE_MAGIC, "bad magic or truncated"),
     "magic and 2 bytes": (ENVELOPE_MAGIC + b"\x00\x00", "bad magic or truncated"),
-    "other magic": (b"PITRWAL2" + BLOB[8:], "bad magic or truncated"),
+    "other magic": (b"PITRWAL3" + BLOB[8:], "bad magic or truncated"),
     "a raw WAL segment": (wal_samples.TL1_SEG2_PAGE, "bad magic or truncated"),
     "header length beyond the blob": (
         ENVELOPE_MAGIC + struct.pack(">I", 1000) + b"{}",
@@ -184,17 +268,29 @@ CORRUPTIONS = {
         ENVELOPE_MAGIC + struct.pack(">I", 2) + b"[]",
         "unreadable header",
     ),
-    "header without sha256": (_with_header(PLAIN, sha256=None), "unreadable header"),
+    "header without stored_sha256": (
+        _with_header(PLAIN, stored_sha256=None),
+        "unreadable header",
+    ),
+    "header of version 3 under version 2's magic": (
+        _with_header(PLAIN, v=3),
+        "unreadable header",
+    ),
     "size not a number": (_with_header(PLAIN, size="big"), "unreadable header"),
     "truncated payload": (BLOB[:-10], "truncated or padded"),
     "padded payload": (BLOB + b"\x00", "truncated or padded"),
-    "flipped payload byte (compressed)": (
-        _flip(BLOB, len(BLOB) - 40),
-        r"does not decompress|checksum|decompresses to",
-    ),
+    "flipped payload byte (compressed)": (_flip(BLOB, len(BLOB) - 40), "fails its checksum"),
     "flipped payload byte (none)": (_flip(PLAIN, len(PLAIN) - 100), "fails its checksum"),
-    "recorded sha256 altered": (
-        _with_header(PLAIN, sha256=hashlib.sha256(b"other").hexdigest()),
+    "flipped frame checksum, stored checksum resealed": (
+        _resealed(BLOB, _flip(_payload(BLOB), len(_payload(BLOB)) - 1)),
+        "does not decompress: .*checksum" if "zstd" in CODECS else "does not decompress",
+    ),
+    "frame without a content checksum, stored checksum resealed": (
+        _resealed(BLOB, _zstd_frame_without_checksum()),
+        "carries no content checksum" if "zstd" in CODECS else "does not decompress",
+    ),
+    "recorded stored_sha256 altered": (
+        _with_header(PLAIN, stored_sha256=hashlib.sha256(b"other").hexdigest()),
         "fails its checksum",
     ),
     "recorded size larger": (
@@ -214,8 +310,10 @@ def test_corrupt_envelopes_raise_integrity_error(case: str) -> None:
     assert exc.value.context["key"] == "wal/0000000100000000/" + SEG
 
 
-def test_every_single_byte_flip_in_a_small_envelope_is_caught() -> None:
-    blob = encode_wal_object(SEG, b"0123456789" * 20, "none")
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_single_byte_flip_in_a_small_envelope_is_caught(codec: str) -> None:
+    original = b"0123456789" * 20
+    blob = encode_wal_object(SEG, original, codec)
     header_end = len(ENVELOPE_MAGIC) + 4 + _header_len(blob)
     for offset in range(len(blob)):
         damaged = _flip(blob, offset)
@@ -224,9 +322,109 @@ def test_every_single_byte_flip_in_a_small_envelope_is_caught() -> None:
         except IntegrityError:
             continue
         # A flip inside the JSON may keep it valid only where it changes nothing verified
-        # (the "v" value, whitespace): the data must still be the original.
+        # (whitespace): the data must still be the original.
         assert offset < header_end, offset
-        assert data == b"0123456789" * 20, offset
+        assert data == original, offset
+
+
+# ---------------------------------------------------------------------------------------------
+# envelope version 1: written by earlier releases, still read
+
+
+# Objects written by envelope version 1 (pitr-wal before version 2, commit a294fa5), kept
+# byte for byte: zlib-compressed, base64. Segments: SEG_DATA; none: the history sample.
+V1_OBJECTS = {
+    "zstd": (
+        "eNoL8AwJCnf0MWRgYNhYrZScn5KarGSloFRVXJKipKOglJeYmwriG0CAoQEqMAKpKc5INDI1A6lKsrQwSExJTklL"
+        "NU5OMk0zNjY3tjCxSEw0SzYySzU0Mk4yNU9LMjZKTLawNEkyTjE3NTcxTEtKNDQwN0xKTEkxBpuWWQWy0dDM3Nzc"
+        "yNAMJFKSX5SaEg+VAIoDxcpASmo1tur/bfAAOp3xCQtD0nEJ5QWrLfslq29HrGs+/FaMP0z7TXSkTMm/N88feX6U"
+        "Sn1kLaqYysXgw1ztNNvsQluS5eGqD/qZWyrm3A37dm6jrdbZ5yGmnxL3v5meanLkwDPLDh7/K9aerRs2LPit2iuy"
+        "kPPJp9L4di5xhvv/dvIwPJtz5pA7j9uN5gUmTxhyc1UbuxfP5pdh5RR4or3I+nCWR7+FsUHUhFAHJgOdDWWMFkwM"
+        "AgyjeORhZiAGAF4ThLw="
+    ),
+    "lz4": (
+        "eNrt0b1qVEEUAOCz1xiDCImJSmw0XJsUgnv3ZvcmYhE7lQgiQrQyd/9Q/AlEUVFsLK18Ai1MYa1VULAWbJQIQUsR"
+        "LLTyAda9auMr6HdgGM7MmZnDN2dOnju7fHwpi4jn99LOarfXSY/OpFfvzqWHZ9Lr5bVeldZ/R1b/OxpVzY1LZaPZ"
+        "qqraC/P1stvp9nt5p93s53mRz8/Nl2Wr02j1skbebhb9dt4oO/MLc+28WzSLuazfLrN6kbXLbjf/ddvlu9WLWaso"
+        "ikbWqlZurq71uhf/bLQW8qwYrt6qiu6PpKenTywOe68NR2y8Gk7lxLtkmNZidzIa25L4kTzt3/586vvolV9lMxGN"
+        "6cjqj24diacTYxHNbwvvB9P740vEsa0XH5KIamwuxdTawZiaXYn1ieHBjxuzFwbnJ2N3rRPJWKQRi1FLYt/Knkjf"
+        "JrtibDYmlx7H9iT2frgZZ6tu0h1xKFbuxPqZYfLk4ctPg7E7kSQx8jqmtmbjQdX25vKz7QdiPInB/x1vKqOIncP/"
+        "G6/97xiDrzRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBB"
+        "gwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYN"
+        "GjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo"
+        "0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBB"
+        "gwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjRo0KBBgwYNGjT+VY0qfgKG3Lv9"
+    ),
+    "gzip": (
+        "eNrt2s1LFGEcB/BxXbZAD66UN3N3kPVSNM88s/OMopAHiV5ZysXeQOZtaw/rSspiI7aHkA4dDCqCCqpDeAxaAjGH"
+        "iF5IBScUI92De7FLiTCIkC5uzQaCf4GwfD+n7/N7fjwPPMcfT+xU94WezrOE47jcMK+nDVPn20L8dSvZzx8N8X1q"
+        "yvTWwn9E2Ev0egZuqGJU9rq0VkVQDd1ImFTXoglKGVUkRVVlXZRNIlItyhIaFVVdaZU0arAok0hCU4nAiKYaBi2f"
+        "lrS8G4nMGBOJ7FUG0zdNo3d3Q1K8asbLI033DnJl1b+dl+c/xg4FCguR+9Onmzvj9fX+af+TUH8tG/0QLjTGpqp8"
+        "dIyf8gXeRGoe5PL04bv5zNWh0fUzOxs/Hbtl/HPPkcuS+8O1ticmLq2tvNIb7gZbUtli8du144Hg+GxufetFVnxm"
+        "x5Nf2hZufx/ZPpb/0zXjDN+6ODYZyc9cWbQb05NOsWTPvl+zFud2Tj4Nn8s+ct0N8vrA6tzzzC9nebPdtDqWajgA"
+        "AAAAAAAAqBCFxx1KXTm52ZQ/DgAAAAAAAACV7vBm4UR5FvC19DbYjfcAAAAAAAAAqHjLd6p93iwgXOplzfgoAQAA"
+        "AAAAALCfhLquT7X2v1D1F0WLPK8="
+    ),
+    "none": (
+        "eNpNTbsKwjAU7Vq/onQWzU2TNHFzFBxEBEdJbm5tBxtpS6GKP+OX2ujiWc4LzjnsTsfzdg9JkryfOQZPmG+yvA0t"
+        "5cuZ7Y2iZz/wVd30Q+im2PW15VLF1hRIHBxqTtZ5Us4AxwK0JqE0qrKywjphQTmBnhtVFpKj1VIyIyuQ8rvWPOKT"
+        "gKjnC/KX/2icBbwgZeuCMcWMTtuQdYRhpG7KBttdacj6O2FTNeQXH7IoPCg="
+    ),
+}
+
+
+def _v1_object(codec: str) -> bytes:
+    return zlib.decompress(base64.b64decode("".join(V1_OBJECTS[codec])))
+
+
+def _v1_original(codec: str) -> tuple[str, bytes]:
+    if codec == "none":
+        return wal_samples.HISTORY_NAME, wal_samples.HISTORY_FILE
+    return SEG, SEG_DATA
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_an_object_written_by_envelope_version_1_still_fetches_and_verifies(codec: str) -> None:
+    blob = _v1_object(codec)
+    assert blob.startswith(repo_mod.ENVELOPE_MAGIC_V1)
+    name, original = _v1_original(codec)
+    header, data = decode_wal_object(blob, "k")
+    assert data == original
+    assert (header.version, header.name, header.codec, header.size) == (
+        1,
+        name,
+        codec,
+        len(original),
+    )
+    assert header.sha256 == hashlib.sha256(original).hexdigest()
+    assert header.stored_sha256 == ""
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_flipped_byte_in_a_version_1_object_is_detected(codec: str) -> None:
+    blob = _v1_object(codec)
+    start = len(repo_mod.ENVELOPE_MAGIC_V1) + 4 + _header_len(blob)
+    for offset in (start, start + (len(blob) - start) // 2, len(blob) - 1):
+        with pytest.raises(IntegrityError):
+            decode_wal_object(_flip(blob, offset), "k")
+
+
+def test_a_version_1_object_with_a_wrong_recorded_digest_fails_its_checksum() -> None:
+    blob = _with_header(_v1_object("none"), sha256=hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        decode_wal_object(blob, "k")
+
+
+def test_a_version_1_object_in_a_repository_is_read_beside_version_2(
+    repo: Repository, mem: MemoryStorage
+) -> None:
+    mem.objects[wal_key(SEG)] = _v1_object("zstd" if "zstd" in CODECS else "gzip")
+    mem.mtimes[wal_key(SEG)] = 0.0
+    repo.put_wal("000000010000000000000003", SEG_DATA, CODECS[0])
+    header = repo.wal_header(SEG)
+    assert header is not None and header.version == 1
+    assert repo.get_wal(SEG)[1] == SEG_DATA
+    assert repo.get_wal("000000010000000000000003")[0].version == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,8 +635,9 @@ def test_identity_describe() -> None:
 
 
 def test_module_constants_match_the_documented_layout() -> None:
-    assert (repo_mod.IDENTITY_KEY, repo_mod.WAL_PREFIX, repo_mod.ENVELOPE_MAGIC) == (
-        "pitr-repository.json",
-        "wal",
-        b"PITRWAL1",
-    )
+    assert (
+        repo_mod.IDENTITY_KEY,
+        repo_mod.WAL_PREFIX,
+        repo_mod.ENVELOPE_MAGIC,
+        repo_mod.ENVELOPE_MAGIC_V1,
+    ) == ("pitr-repository.json", "wal", b"PITRWAL2", b"PITRWAL1")
