@@ -421,11 +421,46 @@ def open_decompressed(path: str) -> t.Iterator[t.BinaryIO]:
         elif codec == "lz4":
             lib = _import_optional("lz4.frame")
             if lib is not None:
-                yield t.cast(t.BinaryIO, stack.enter_context(lib.open(raw, mode="rb")))
+                yield t.cast(t.BinaryIO, _Lz4Frames(raw, lib))
             else:
                 from ansible_collections.pitr.postgresql.plugins.module_utils import runner
 
                 yield stack.enter_context(runner.stream_stdout(["lz4", "-dcq"], stdin_path=path))
+
+
+class _Lz4Frames:
+    """A readable stream of the LZ4 frames in ``raw``, through python-lz4's decompressor.
+
+    ``lz4.frame.open`` puts a buffered reader in between that measured a third slower here.
+    Frames that follow each other are read as one stream; input that ends inside a frame
+    raises EOFError (truncated).
+    """
+
+    def __init__(self, raw: t.BinaryIO, lib: t.Any) -> None:
+        self.raw = raw
+        self.lib = lib
+        self.dec: t.Any = None
+        self.pending = b""
+
+    def read(self, size: int) -> bytes:
+        while True:
+            if self.dec is None:
+                if not self.pending:
+                    self.pending = self.raw.read(CHUNK)
+                    if not self.pending:
+                        return b""
+                self.dec = self.lib.LZ4FrameDecompressor()
+            if self.dec.needs_input and not self.pending:
+                self.pending = self.raw.read(CHUNK)
+                if not self.pending:
+                    raise EOFError("the lz4 stream ends inside a frame: it is truncated")
+            data, self.pending = self.pending, b""
+            out = self.dec.decompress(data, max_length=size)
+            if self.dec.eof:
+                self.pending = bytes(self.dec.unused_data or b"")
+                self.dec = None
+            if out:
+                return t.cast(bytes, out)
 
 
 def _fill(stream: t.BinaryIO, buf: bytearray) -> int:

@@ -485,3 +485,16 @@ def test_verify_tablespace_tars_in_parallel_or_not(tmp_path: Path, parallel: boo
     assert problems[1].startswith("pg_tblspc/16384/PG_15_202209061/16385/16386 fails its CRC32C")
     assert problems[2] == "PG_VERSION is in the manifest but not in the backup"
     assert problems[3].startswith("WAL segment 000000010000000000000001 needed by the backup")
+
+
+def test_lz4_frames_in_a_row_and_truncated(tmp_path: Path) -> None:
+    lz4frame = pytest.importorskip("lz4.frame")
+    data = os.urandom(50_000) * 3
+    two = lz4frame.compress(data[:70_000]) + lz4frame.compress(data[70_000:])
+    stream = m._Lz4Frames(io.BytesIO(two), lz4frame)
+    got = b"".join(iter(lambda: stream.read(10_000), b""))
+    assert got == data
+    stream = m._Lz4Frames(io.BytesIO(two[:-20]), lz4frame)
+    with pytest.raises(EOFError):
+        while stream.read(10_000):
+            pass
