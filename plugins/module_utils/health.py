@@ -11,6 +11,8 @@ count, the WAL position, the archiving settings) and thresholds, and returns a
 - ``failing``: the last attempt failed (last_failed_time is after last_archived_time);
 - ``backlog``: more files wait than ``max_ready``;
 - ``stale``: files wait and nothing was archived for longer than ``max_age``;
+- ``repository_unreadable``: the repository cannot be read (missing, not mounted, no
+  permission), so archiving into it cannot work;
 - ``identity_mismatch``: the repository belongs to another cluster.
 
 An idle server writes no WAL, so it archives nothing, and that is not stale: staleness needs
@@ -47,6 +49,7 @@ COMMAND_NOT_OURS = "command_not_ours"
 FAILING = "failing"
 BACKLOG = "backlog"
 STALE = "stale"
+REPOSITORY_UNREADABLE = "repository_unreadable"
 IDENTITY_MISMATCH = "identity_mismatch"
 
 
@@ -149,9 +152,12 @@ def assess_archiving(
     max_ready: int = DEFAULT_MAX_READY,
     max_age: float = DEFAULT_MAX_AGE,
     repository_problem: str | None = None,
+    repository_unreadable: str | None = None,
 ) -> HealthVerdict:
     """The verdict on archiving. ``max_age`` is in seconds; ``repository_problem`` is the
-    message of an identity mismatch between the repository and the server, if any.
+    message of an identity mismatch between the repository and the server, if any;
+    ``repository_unreadable`` the message of a repository that could not be read
+    (``unreadable_repository_message``).
     """
     problems: dict[str, str] = {}  # reason code -> sentence, in a fixed order
     mode = facts.archive_mode.lower()
@@ -208,6 +214,8 @@ def assess_archiving(
                 f"archiving is stale: {waiting} WAL files wait and {last} (limit {max_age:.0f}s)"
             )
 
+    if repository_unreadable:
+        problems[REPOSITORY_UNREADABLE] = repository_unreadable
     if repository_problem:
         problems[IDENTITY_MISMATCH] = repository_problem
 
@@ -222,6 +230,17 @@ def assess_archiving(
 
 def _when(moment: dt.datetime | None) -> str:
     return moment.isoformat() if moment is not None else "the statistics were created"
+
+
+def unreadable_repository_message(path: str, error: str, user: str | None = None) -> str:
+    """The ``repository_unreadable`` sentence: the path, why, and what to do."""
+    who = f" by {user}" if user else ""
+    return (
+        f"the repository {path} cannot be read{who}, so WAL cannot be archived into it"
+        f" ({error}). Mount the storage that holds it, or create it with the archiving role"
+        " (playbooks/setup_archiving.yml makes it owned by the PostgreSQL user, mode 0700),"
+        " and give the PostgreSQL user read and write access; run this check as that user"
+    )
 
 
 def inspect_repository(

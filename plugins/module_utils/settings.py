@@ -28,12 +28,15 @@ from __future__ import annotations
 import math
 import re
 import typing as t
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import SettingsError
 
 WAL_LEVELS = ("minimal", "replica", "logical")
 ARCHIVE_MODES = ("on", "always")
+# Values that satisfy a wish besides the wished value itself: 'always' archives on a primary
+# as 'on' does (and during recovery too), so it is kept when 'on' is asked.
+ARCHIVE_MODE_SATISFIED_BY = {"on": ("always",)}
 ARCHIVING_SETTINGS = ("wal_level", "archive_mode", "archive_command", "archive_timeout")
 # Everything the archiving planner reads: archive_library (PostgreSQL 15+) must be empty.
 ARCHIVING_READ_SETTINGS = (*ARCHIVING_SETTINGS, "archive_library")
@@ -273,11 +276,17 @@ def _rank(levels: t.Sequence[str], value: str) -> int:
     return levels.index(value) if value in levels else -1
 
 
-def _satisfies(value: str, want: str, levels: t.Sequence[str] | None) -> bool:
-    """Exact equality, or for ordered parameters (wal_level) at least the wanted level."""
+def _satisfies(
+    value: str,
+    want: str,
+    levels: t.Sequence[str] | None,
+    also: t.Mapping[str, t.Sequence[str]] | None = None,
+) -> bool:
+    """Exact equality, a value ``also`` accepts for ``want``, or for ordered parameters
+    (wal_level) at least the wanted level."""
     if levels is not None:
         return _rank(levels, value) >= _rank(levels, want)
-    return value == want
+    return value == want or value in (also or {}).get(want, ())
 
 
 def plan_settings(
@@ -286,6 +295,7 @@ def plan_settings(
     wanted: t.Mapping[str, str],
     *,
     at_least: t.Mapping[str, t.Sequence[str]] | None = None,
+    satisfied_by: t.Mapping[str, t.Mapping[str, t.Sequence[str]]] | None = None,
 ) -> SettingsPlan:
     """Plan ALTER SYSTEM statements that give each parameter in ``wanted`` its value.
 
@@ -293,8 +303,11 @@ def plan_settings(
     when they could not be read (then the running values stand in for the configured ones,
     and a restart-pending value cannot be recognised). ``at_least`` names ordered parameters
     that are never lowered (``{'wal_level': WAL_LEVELS}``): a higher value satisfies the wish.
+    ``satisfied_by`` names other values that satisfy a wish and are then kept
+    (``{'archive_mode': {'on': ('always',)}}``).
     """
     at_least = at_least or {}
+    satisfied_by = satisfied_by or {}
     settings = {s.name: s for s in (ServerSetting.from_row(r) for r in rows)}
     files = [FileSetting.from_row(r) for r in file_rows] if file_rows is not None else None
     changes: list[SettingChange] = []
@@ -324,8 +337,9 @@ def plan_settings(
         _validate(setting, want, asked)
 
         levels = at_least.get(name)
+        also = satisfied_by.get(name)
         target = conf
-        if not _satisfies(conf, want, levels):
+        if not _satisfies(conf, want, levels, also):
             target = want
             if levels is not None and _rank(levels, run) > _rank(levels, want):
                 target = run  # never lower what the server runs with
@@ -335,7 +349,7 @@ def plan_settings(
                 )
             )
 
-        if not _satisfies(run, want, levels) and setting.source in _OVERRIDING_SOURCES:
+        if not _satisfies(run, want, levels, also) and setting.source in _OVERRIDING_SOURCES:
             raise SettingsError(
                 f"{name} is set to {display(setting, run)!r} on the server's command line"
                 f" (source: {setting.source}), which overrides ALTER SYSTEM: remove it from the"
@@ -347,7 +361,7 @@ def plan_settings(
         running[name] = display(setting, run)
         if setting.context == "postmaster":
             before[name] = display(setting, conf)
-            if not _satisfies(run, want, levels):
+            if not _satisfies(run, want, levels, also):
                 pending_restart.append(name)
         else:
             # Reloaded by the caller: what counts is the value the server will run with.
@@ -423,7 +437,8 @@ def plan_wal_archiving(
 
     - wal_level: 'replica' or 'logical'; 'minimal' is refused; a higher running or configured
       level (logical when replica is asked) is kept, never lowered.
-    - archive_mode: 'on' or 'always' (exactly as asked).
+    - archive_mode: 'on' or 'always'. 'always' (configured) satisfies 'on', since it archives
+      on a primary too: it is kept, with a note in ``warnings``.
     - archive_command: replaced when different; must not be empty.
     - archive_timeout: compared after normalisation ('60', '60s', '1min' are equal).
     - archive_library must be empty (PostgreSQL 15+).
@@ -456,7 +471,7 @@ def plan_wal_archiving(
             setting="archive_command",
         )
     check_archive_library(rows, file_rows)
-    return plan_settings(
+    plan = plan_settings(
         rows,
         file_rows,
         {
@@ -466,4 +481,14 @@ def plan_wal_archiving(
             "archive_timeout": archive_timeout,
         },
         at_least={"wal_level": WAL_LEVELS},
+        satisfied_by={"archive_mode": ARCHIVE_MODE_SATISFIED_BY},
     )
+    if mode == "on" and plan.after.get("archive_mode") == "always":
+        note = (
+            "archive_mode is 'always' where 'on' was asked: 'always' archives on a primary too"
+            " (and also during recovery), so it satisfies 'on' and is left as it is. Ask for"
+            " 'always' to keep it without this note, or, to stop archiving during recovery,"
+            " run ALTER SYSTEM SET archive_mode = 'on' and restart the server"
+        )
+        plan = replace(plan, warnings=(*plan.warnings, note))
+    return plan

@@ -17,8 +17,9 @@ description:
   - "Reasons: V(archiving_off) (archive_mode off or wal_level minimal); V(command_not_ours)
     (archive_command does not run C(pitr-wal), or archive_library is set); V(failing) (the last
     attempt failed); V(backlog) (more than O(max_ready) files wait); V(stale) (files wait and
-    nothing was archived for longer than O(max_age)); V(identity_mismatch) (the repository
-    belongs to another cluster)."
+    nothing was archived for longer than O(max_age)); V(repository_unreadable) (O(repository_path)
+    is missing, not mounted or not readable, so archiving into it cannot work);
+    V(identity_mismatch) (the repository belongs to another cluster)."
   - An idle server writes no WAL and so archives nothing; that alone is not stale.
 options:
   max_ready:
@@ -38,8 +39,11 @@ options:
         host where the module runs.
       - When set, the module reports the repository's identity and WAL summary, and checks that
         the repository belongs to this server (system identifier, major version, segment size).
-      - When it cannot be read, RV(repository.error) says why and a warning is issued; the
-        verdict is about archiving and does not change.
+      - When it cannot be read (missing, not mounted, no permission for the user the module
+        runs as), archiving into it cannot work: the verdict is unhealthy with the reason
+        V(repository_unreadable), whose message names the path and the fix, and
+        RV(repository.error) says why. The module never creates or changes it.
+      - Run the module as the PostgreSQL user (C(become_user)), the user that archives.
     type: path
 extends_documentation_fragment:
   - pitr.postgresql.connection
@@ -98,7 +102,7 @@ reasons:
   description:
     - Stable codes of what is wrong, in a fixed order; empty when healthy.
     - One of V(archiving_off), V(command_not_ours), V(failing), V(backlog), V(stale),
-      V(identity_mismatch).
+      V(repository_unreadable), V(identity_mismatch).
   returned: always
   type: list
   elements: str
@@ -235,6 +239,8 @@ repository:
 """
 
 import datetime as dt
+import os
+import pwd
 import typing as t
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -244,6 +250,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.health import (
     ArchivingFacts,
     assess_archiving,
     inspect_repository,
+    unreadable_repository_message,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
@@ -307,7 +314,7 @@ def main() -> None:
     settings = {s.name: display(s, normalise(s, s.running_text)) for s in rows}
     facts = ArchivingFacts.from_status(status, settings, ready)
     result: dict[str, t.Any] = {"changed": False}
-    problem = None
+    problem = unreadable = None
     if p["repository_path"]:
         try:
             result["repository"], problem = inspect_repository(
@@ -318,11 +325,16 @@ def main() -> None:
             )
         except PitrError as exc:
             result["repository"] = {"path": p["repository_path"], "error": exc.msg}
-            module.warn(f"repository not reported: {exc.msg}")
+            user = pwd.getpwuid(os.geteuid()).pw_name
+            unreadable = unreadable_repository_message(p["repository_path"], exc.msg, user)
     if ready is None:
         module.warn("ready_count unknown: pg_ls_archive_statusdir() needs pg_monitor")
     verdict = assess_archiving(
-        facts, max_ready=p["max_ready"], max_age=max_age, repository_problem=problem
+        facts,
+        max_ready=p["max_ready"],
+        max_age=max_age,
+        repository_problem=problem,
+        repository_unreadable=unreadable,
     )
     result.update(verdict.as_dict())
     result.update(

@@ -204,10 +204,36 @@ def test_repository_report_and_identity_guard(pg_cluster: PgCluster, tmp_path: P
     assert other["reasons"][-1] == "identity_mismatch"
     assert f"system identifier {sysid}" in other["messages"][-1]
 
-    missing = info(pg_cluster, repository_path=str(tmp_path / "missing"))
-    assert "not accessible" in missing["repository"]["error"]
-    assert "identity_mismatch" not in missing["reasons"]
-    assert any("repository not reported" in w for w in missing.warnings)
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        pytest.param("missing", "No such file or directory", id="missing"),
+        pytest.param("a-file", "is not a directory", id="a-file"),
+        pytest.param("a-file/repo", "Not a directory", id="below-a-file"),
+    ],
+)
+def test_unreadable_repository_fails_the_check(
+    pg_cluster: PgCluster, tmp_path: Path, name: str, why: str
+) -> None:
+    """Archiving into a repository that cannot be read cannot work: unhealthy, not a warning."""
+    (tmp_path / "a-file").write_text("not a repository")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    path = str(tmp_path / name)
+    for check in (True, False):
+        result = info(pg_cluster, check=check, repository_path=path)
+        assert result["healthy"] is False
+        assert result["reasons"][-1] == "repository_unreadable"
+        assert "identity_mismatch" not in result["reasons"]
+        message = result["messages"][-1]
+        assert message.startswith(f"the repository {path} cannot be read by root, so WAL")
+        assert why in message
+        assert "setup_archiving.yml" in message and "read and write access" in message
+        assert result["repository"] == {"path": path, "error": result["repository"]["error"]}
+        assert why in result["repository"]["error"]
+        assert not any("repository" in w for w in result.warnings)
+    # Read-only: nothing was created.
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize(

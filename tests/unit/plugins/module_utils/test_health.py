@@ -20,11 +20,13 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.health import (
     COMMAND_NOT_OURS,
     FAILING,
     IDENTITY_MISMATCH,
+    REPOSITORY_UNREADABLE,
     STALE,
     ArchivingFacts,
     assess_archiving,
     inspect_repository,
     pending_segments,
+    unreadable_repository_message,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (
     Repository,
@@ -233,6 +235,25 @@ def test_repository_problem_is_a_reason_with_its_message() -> None:
     verdict = assess_archiving(HEALTHY, repository_problem="belongs to another cluster")
     assert verdict.reasons == (IDENTITY_MISMATCH,)
     assert verdict.messages == ("belongs to another cluster",)
+
+
+def test_unreadable_repository_fails_the_check_naming_path_and_fix() -> None:
+    message = unreadable_repository_message(
+        "/srv/pitr/repo", "repository /srv/pitr/repo is not accessible: Permission denied", "pg"
+    )
+    verdict = assess_archiving(HEALTHY, repository_unreadable=message)
+    assert verdict.healthy is False
+    assert verdict.reasons == (REPOSITORY_UNREADABLE,)
+    (text,) = verdict.messages
+    assert text.startswith("the repository /srv/pitr/repo cannot be read by pg, so WAL cannot")
+    assert "Permission denied" in text
+    assert "setup_archiving.yml" in text and "read and write access" in text
+
+
+def test_unreadable_repository_comes_before_an_identity_mismatch_in_the_order() -> None:
+    facts = dataclasses.replace(HEALTHY, archive_mode="off")
+    verdict = assess_archiving(facts, repository_unreadable="u", repository_problem="m")
+    assert verdict.reasons == (ARCHIVING_OFF, REPOSITORY_UNREADABLE, IDENTITY_MISMATCH)
 
 
 def test_messages_say_what_is_wrong() -> None:

@@ -341,6 +341,86 @@ def test_wal_level_is_not_lowered_below_running_logical() -> None:
     assert result.restart_required is False
 
 
+def _archive_mode(
+    rows: list[dict[str, t.Any]], files: list[dict[str, t.Any]], **values: str
+) -> None:
+    """Set archive_mode's running value (``running``) and configured value (``configured``)."""
+    for row in rows:
+        if row["name"] == "archive_mode" and "running" in values:
+            row["setting"] = row["reset_val"] = values["running"]
+    if "configured" in values:
+        files.append({"name": "archive_mode", "setting": values["configured"], "seqno": 99})
+
+
+@pytest.mark.parametrize(
+    ("running", "configured", "pending_restart"),
+    [
+        pytest.param("always", "always", (), id="running-and-configured"),
+        pytest.param("on", "always", (), id="configured-waiting-for-a-restart"),
+        pytest.param("off", "always", ("archive_mode",), id="configured-server-not-archiving-yet"),
+    ],
+)
+def test_always_satisfies_on_and_is_kept_with_a_note(
+    running: str, configured: str, pending_restart: tuple[str, ...]
+) -> None:
+    rows, files = state("archiving_on")
+    _archive_mode(rows, files, running=running, configured=configured)
+    result = plan_wal_archiving(
+        rows,
+        files,
+        wal_level="replica",
+        archive_mode="on",
+        archive_command=CMD,
+        archive_timeout="60s",
+    )
+    assert result.assignments == []
+    assert result.changed is False
+    assert result.before["archive_mode"] == result.after["archive_mode"] == "always"
+    assert result.pending_restart == pending_restart
+    assert len(result.warnings) == 1
+    note = result.warnings[0]
+    assert "archive_mode is 'always' where 'on' was asked" in note
+    assert "satisfies 'on'" in note and "left as it is" in note
+
+
+def test_always_when_asked_has_no_note() -> None:
+    rows, files = state("archiving_on")
+    _archive_mode(rows, files, running="always", configured="always")
+    result = plan_wal_archiving(
+        rows,
+        files,
+        wal_level="replica",
+        archive_mode="always",
+        archive_command=CMD,
+        archive_timeout="60s",
+    )
+    assert result.assignments == [] and result.warnings == ()
+
+
+def test_running_always_does_not_keep_a_configured_off() -> None:
+    """Someone configured off (restart pending): asking for on writes on, not always."""
+    rows, files = state("archiving_on")
+    _archive_mode(rows, files, running="always", configured="off")
+    result = plan_wal_archiving(
+        rows,
+        files,
+        wal_level="replica",
+        archive_mode="on",
+        archive_command=CMD,
+        archive_timeout="60s",
+    )
+    assert result.assignments == [("archive_mode", "on")]
+    assert result.pending_restart == ()  # the running always archives as on does
+    assert result.warnings == ()
+
+
+def test_on_running_is_raised_to_always_when_always_is_asked() -> None:
+    result = plan("archiving_on", archive_mode="always")
+    assert result.assignments == [("archive_mode", "always")]
+    assert result.pending_restart == ("archive_mode",)
+    assert result.warnings == ()
+
+
 def test_last_file_entry_wins() -> None:
     """postgresql.conf says off, postgresql.auto.conf (read later) says on."""
     rows, files = state("altered_reloaded_pending_restart")
