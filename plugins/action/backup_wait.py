@@ -220,7 +220,7 @@ class ActionModule(ActionBase):
     def run(self, tmp: t.Any = None, task_vars: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
         task_vars = task_vars or {}
         result = super().run(tmp, task_vars)
-        _, args = self.validate_argument_spec(
+        args = self.validate_argument_spec(
             argument_spec={
                 "jid": {"type": "str", "required": True},
                 "repository_path": {"type": "str"},
@@ -228,7 +228,7 @@ class ActionModule(ActionBase):
                 "interval": {"type": "float", "default": 10.0},
                 "timeout": {"type": "int", "default": 86400},
             },
-        )
+        )[1]
         interval = float(args["interval"])
         if interval < 1:
             result.update(failed=True, msg=f"interval must be at least 1 second, got {interval}")
@@ -236,6 +236,9 @@ class ActionModule(ActionBase):
         host = str(task_vars.get("inventory_hostname", ""))
         # The job kills itself at its async limit and reports that; wait a little longer.
         deadline = time.monotonic() + max(0, args["timeout"]) + max(2 * interval, 30.0)
+        if self._task.check_mode:
+            # A check-mode job takes no backup: there is no progress of ours to read.
+            args = {**args, "repository_path": None}
         status = self._wait(args, host, interval, deadline, task_vars)
         if not job_done(status):
             result.update(

@@ -9,7 +9,8 @@ module: backup_progress_info
 short_description: Report the progress of the base backups being taken in a PITR repository
 version_added: 0.1.0
 description:
-  - Reads the progress records that M(pitr.postgresql.base_backup) (and the C(pitr-backup)
+  - >-
+    Reads the progress records that M(pitr.postgresql.base_backup) (and the C(pitr-backup)
     command of the timer) rewrite every two seconds while a backup runs
     (C(staging/backups/<label>.progress.json)): phase, bytes done and in total as
     C(pg_basebackup --progress) reports them.

@@ -12,9 +12,10 @@ module: backup_wait
 short_description: Wait for an asynchronous base backup, printing its progress
 version_added: 0.1.0
 description:
-  - Waits for a M(pitr.postgresql.base_backup) task started with C(async) and C(poll: 0), and
+  - >-
+    Waits for a M(pitr.postgresql.base_backup) task started with C(async) and C(poll: 0), and
     prints the backup's progress from the controller every O(interval) seconds while it runs,
-    for example C([db1] backup 20261125T171500Z: 1.20 GB of 2.40 GB (50.0%), 310.00 MB/s).
+    for example [db1] backup 20261125T171500Z: 1.20 GB of 2.40 GB (50.0%), 310.00 MB/s.
   - Each poll asks M(ansible.builtin.async_status) whether the job finished and reads the
     backup's progress record with M(pitr.postgresql.backup_progress_info) (read-only).
   - When the job finishes, returns the job's result, which is the result of
@@ -30,9 +31,10 @@ options:
     required: true
   repository_path:
     description:
-      - The repository the backup writes to, where its progress record is. Without it, no
-        progress is printed.
-    type: path
+      - Path of the repository on the host, as given to the backup task
+        (O(pitr.postgresql.base_backup#module:repository_path)), where the backup's progress
+        record is. Without it, no progress is printed.
+    type: str
   label:
     description:
       - The backup's label, when the backup task was given one. Without it, the progress of
