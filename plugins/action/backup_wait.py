@@ -67,15 +67,21 @@ def _int(value: object) -> int:
 def pick_record(records: t.Iterable[object], label: str = "") -> Record | None:
     """The progress record of the backup being waited for.
 
-    With a label, that backup's record. Without one (the module names the backup after its
-    start time) the newest record whose process is not known to be gone: a repository lock
-    lets one backup run at a time, so that is the running backup.
+    With a label, that backup's record (a live one first). Without one (the module names the
+    backup after its start time) the newest record of a backup process running on this host
+    (``alive`` true): a repository lock lets one backup run at a time, so that is the running
+    backup; a record of another host sharing the repository (``alive`` null) is not ours.
     """
     found = [r for r in records if isinstance(r, t.Mapping)]
     if label:
         found = [r for r in found if r.get("label") == label]
-    alive = [r for r in found if r.get("alive") is not False]
-    candidates = alive or (found if label else [])
+        candidates = (
+            [r for r in found if r.get("alive") is True]
+            or [r for r in found if r.get("alive") is not False]
+            or found
+        )
+    else:
+        candidates = [r for r in found if r.get("alive") is True]
     if not candidates:
         return None
     return max(candidates, key=lambda r: (str(r.get("started", "")), str(r.get("label", ""))))

@@ -38,8 +38,8 @@ options:
   label:
     description:
       - The backup's label, when the backup task was given one. Without it, the progress of
-        the newest running backup of the repository is printed (one backup runs at a time per
-        repository).
+        the newest backup running on this host into the repository is printed (one backup
+        runs at a time per repository).
     type: str
     default: ""
   interval:

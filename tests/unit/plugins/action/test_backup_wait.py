@@ -72,20 +72,24 @@ def test_pick_record_by_label() -> None:
     assert bw.pick_record([a, b], "c") is None
 
 
-def test_pick_record_with_label_prefers_the_live_record_and_falls_back_to_a_dead_one() -> None:
+def test_pick_record_with_label_prefers_the_live_record() -> None:
     dead = record("a", started="2026-11-25T17:00:00+00:00", alive=False)
+    elsewhere = record("a", started="2026-11-25T16:30:00+00:00", alive=None)
     live = record("a", started="2026-11-25T16:00:00+00:00")
-    assert bw.pick_record([dead, live], "a") is live
+    assert bw.pick_record([dead, elsewhere, live], "a") is live
+    assert bw.pick_record([dead, elsewhere], "a") is elsewhere
     assert bw.pick_record([dead], "a") is dead
 
 
-def test_pick_record_without_label_takes_the_newest_live_one() -> None:
+def test_pick_record_without_label_takes_the_newest_live_one_of_this_host() -> None:
     old = record("20261125T160000Z", started="2026-11-25T16:00:00+00:00")
     new = record("20261125T170000Z", started="2026-11-25T17:00:00+00:00")
-    other_host = record("20261125T165000Z", started="2026-11-25T16:50:00+00:00", alive=None)
+    # another host backing up into a shared repository: not ours
+    other_host = record("20261125T175000Z", started="2026-11-25T17:50:00+00:00", alive=None)
     dead = record("20261125T180000Z", started="2026-11-25T18:00:00+00:00", alive=False)
     assert bw.pick_record([old, dead, new, other_host]) is new
-    assert bw.pick_record([old, other_host]) is other_host
+    assert bw.pick_record([old, other_host]) is old
+    assert bw.pick_record([other_host]) is None
     assert bw.pick_record([dead]) is None  # an interrupted backup is not ours
     assert bw.pick_record([]) is None
     assert bw.pick_record(["junk", None, 3]) is None
