@@ -259,7 +259,7 @@ _LZ4_MAGIC = b"\x04\x22\x4d\x18"  # FLG byte follows; bit 2: content checksum
 _GZIP_MAGIC = b"\x1f\x8b"  # every gzip member ends with CRC-32 and size of its content
 
 
-def has_content_checksum(payload: bytes, codec: str) -> bool:
+def has_content_checksum(payload: bytes | memoryview, codec: str) -> bool:
     """Whether ``payload`` (compressed with ``codec``) carries a checksum of its content
     that decompression verifies. ``none`` has none: its stored bytes are the content."""
     head = bytes(payload[:5])

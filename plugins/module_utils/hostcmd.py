@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import time
 import typing as t
+
+if t.TYPE_CHECKING:
+    import signal
+else:  # the C module: ``signal`` adds enum wrappers the command never needs
+    import _signal as signal
 
 PUSH_FAILED = 1
 USAGE_FAILED = 2

@@ -36,7 +36,6 @@ Standard library only.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import time
 import typing as t
@@ -224,6 +223,67 @@ def decode_wal_object(blob: bytes, key: str = "") -> tuple[WalObjectHeader, byte
     return header, data
 
 
+_JSON_SPACE = " \t\n\r"
+
+
+def load_record(raw: bytes) -> t.Any:
+    """``json.loads(raw)``, without importing json for the flat records the push path reads.
+
+    The identity record is a flat object of integers and plain strings; such text is parsed
+    here (importing json costs the host command about 2 ms of CPU per segment). Anything else
+    (nesting, escapes, floats, literals, odd whitespace) goes to json.loads, so the result is
+    always what json.loads returns, or its error.
+    """
+    record = _flat_record(raw)
+    if record is None:
+        import json
+
+        return json.loads(raw)
+    return record
+
+
+def _flat_record(raw: bytes) -> dict[str, t.Any] | None:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if "\\" in text or any(c < " " and c not in _JSON_SPACE for c in text):
+        return None
+    text = text.strip(_JSON_SPACE)
+    if len(text) < 2 or text[0] != "{" or text[-1] != "}":
+        return None
+    record: dict[str, t.Any] = {}
+    body = text[1:-1].strip(_JSON_SPACE)
+    if not body:
+        return record
+    for item in body.split(","):
+        key, colon, value = item.partition(":")
+        key, value = key.strip(_JSON_SPACE), value.strip(_JSON_SPACE)
+        if not colon or not _plain_string(key):
+            return None
+        if value[:1] == '"':
+            if not _plain_string(value):
+                return None
+            record[key[1:-1]] = value[1:-1]
+            continue
+        digits = value[1:] if value.startswith("-") else value
+        if not digits.isdigit() or not digits.isascii() or (len(digits) > 1 and digits[0] == "0"):
+            return None
+        record[key[1:-1]] = int(value)
+    return record
+
+
+def _plain_string(text: str) -> bool:
+    """A JSON string without escapes or control characters (which JSON forbids raw)."""
+    inner = text[1:-1]
+    return (
+        len(text) >= 2
+        and text[0] == text[-1] == '"'
+        and '"' not in inner
+        and all(c >= " " for c in inner)
+    )
+
+
 class Repository:
     """Layout and identity of one repository on one storage backend."""
 
@@ -243,7 +303,7 @@ class Repository:
         if self.storage.stat(IDENTITY_KEY) is None:
             return None
         try:
-            rec = json.loads(self.storage.get(IDENTITY_KEY))
+            rec = load_record(self.storage.get(IDENTITY_KEY))
             return RepositoryIdentity(
                 int(rec["system_identifier"]), int(rec["pg_major"]), int(rec["wal_segment_size"])
             )
@@ -263,6 +323,8 @@ class Repository:
                 format=REPOSITORY_FORMAT,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             )
+            import json
+
             try:
                 self.storage.put(IDENTITY_KEY, json.dumps(rec, indent=2).encode() + b"\n")
                 created = True

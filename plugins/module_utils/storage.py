@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import time
 import typing as t
@@ -315,6 +314,8 @@ class PosixStorage:
                 "purpose": purpose,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
+            import json  # not at the top: the push path takes no lock
+
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record).encode(), 0)
             try:
@@ -327,6 +328,8 @@ class PosixStorage:
 
 
 def _read_holder(fd: int) -> str:
+    import json
+
     try:
         raw = os.pread(fd, 4096, 0)
         rec = json.loads(raw.decode() or "{}")

@@ -661,6 +661,7 @@ def test_fetch_of_a_corrupted_archived_file_exits_255_after_retries_and_writes_n
     assert pushed.rc == 0, str(pushed)
     obj = object_path(repo_dir, name)
     blob = bytearray(obj.read_bytes())
+    assert blob.startswith(b"PITRWAL2")  # what push writes: envelope version 2
     blob[len(blob) // 2] ^= 0x01
     obj.write_bytes(bytes(blob))
     result, _unused = fetch_to(
@@ -669,8 +670,80 @@ def test_fetch_of_a_corrupted_archived_file_exits_255_after_retries_and_writes_n
     assert result.rc == 255, str(result)
     assert result.elapsed >= 0.6  # it did retry, with the pause between attempts
     assert result.stderr.count("retrying") == 2
+    assert result.stderr.count("the archived copy fails its checksum") == 3, str(result)
     assert f"fetch {name} FAILED after 3 attempt(s)" in result.stderr
     assert os.listdir(out_dir) == []
+
+
+def envelope_v1(name: str, data: bytes, codec: str) -> bytes:
+    """``data`` archived the way pitr-wal wrote it before envelope version 2: a JSON header
+    with the SHA-256 of the original bytes, then the payload (zstd frames without a content
+    checksum). tests/unit/.../test_repository.py holds objects the old code wrote, byte for byte.
+    """
+    import hashlib
+    import json
+    import struct
+
+    from ansible_collections.pitr.postgresql.plugins.module_utils import compression
+
+    if codec == "zstd":
+        payload = bytes(
+            compression._import_optional("zstandard").ZstdCompressor(level=1).compress(data)
+        )
+    else:
+        assert codec == "none"
+        payload = data
+    header = {
+        "v": 1,
+        "name": name,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "codec": codec,
+        "stored_size": len(payload),
+    }
+    raw = json.dumps(header, sort_keys=True).encode()
+    return b"PITRWAL1" + struct.pack(">I", len(raw)) + raw + payload
+
+
+def test_objects_of_envelope_version_1_fetch_verify_and_count_as_archived(
+    loaded: Primary, program: str, repo_dir: Path, out_dir: Path
+) -> None:
+    # A repository filled before the upgrade: fetch must restore its objects, and PostgreSQL
+    # re-archiving one of them (after a crash) must find it already archived.
+    init_repo(program, repo_dir, loaded.cluster.datadir)
+    names = archived_segments(loaded)[:2]
+    for name, codec in zip(names, ("zstd", "none"), strict=True):
+        obj = object_path(repo_dir, name)
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        give_to_server_user(obj.parent)
+        obj.write_bytes(envelope_v1(name, (loaded.pg_wal / name).read_bytes(), codec))
+        content = obj.read_bytes()
+        result, dest = fetch_to(program, repo_dir, name, out_dir)
+        assert result.rc == 0, str(result)
+        assert sha256_file(dest) == sha256_file(loaded.pg_wal / name), name
+        dest.unlink()
+        pushed = pitr_wal(
+            program, "--repo", str(repo_dir), "push", f"pg_wal/{name}", cwd=loaded.cluster.datadir
+        )
+        assert pushed.rc == 0, str(pushed)
+        assert f"push {name}: already archived" in pushed.stderr
+        assert obj.read_bytes() == content
+    # A flipped byte in a version 1 object is caught on fetch (255, nothing written) ...
+    obj = object_path(repo_dir, names[1])
+    blob = bytearray(obj.read_bytes())
+    blob[len(blob) - 5000] ^= 0x01
+    obj.write_bytes(bytes(blob))
+    result, _unused = fetch_to(program, repo_dir, names[1], out_dir, "--retries", "1")
+    assert result.rc == 255, str(result)
+    assert "fails its checksum" in result.stderr, str(result)
+    assert os.listdir(out_dir) == []
+    # ... and on push, which never calls a damaged copy "already archived".
+    pushed = pitr_wal(
+        program, "--repo", str(repo_dir), "push", f"pg_wal/{names[1]}", cwd=loaded.cluster.datadir
+    )
+    assert pushed.rc == 1, str(pushed)
+    assert "fails its checksum" in pushed.stderr
+    assert obj.read_bytes() == bytes(blob)
 
 
 def test_fetch_when_the_repository_root_is_missing_exits_255(

@@ -628,6 +628,59 @@ def test_concurrent_initialisation_by_another_cluster(repo: Repository, mem: Mem
     assert repo.identity() == other
 
 
+def _record_texts(rng: random.Random) -> t.Iterator[bytes]:
+    real = json.dumps(
+        {**IDENT_A._asdict(), "format": 1, "created": "2026-11-25T10:00:00Z"}, indent=2
+    )
+    yield real.encode() + b"\n"
+    yield b"{}"
+    yield b'{"a": -0, "b": "x y", "c": 0}'
+    for text in (
+        '{"a": 01}',
+        '{"a": 1.5}',
+        '{"a": true}',
+        '{"a": "x\\"y"}',
+        '{"a": {"b": 1}}',
+        '{"a": "1,2"}',
+        '{"a:b": 1}',
+        '{"a": 1,}',
+        '{"a": 1 "b": 2}',
+        '{"a": "tab\there"}',
+        '{"a": 1}\x0c',
+        '{"a": "\u00e9"}',
+        "[1]",
+        "",
+    ):
+        yield text.encode()
+    alphabet = '{}[]",:-0123456789 \t\n\x0b\\abe.E+'
+    for _round in range(400):
+        chars = list(real)
+        for _edit in range(rng.randrange(1, 4)):
+            i = rng.randrange(len(chars))
+            if rng.random() < 0.5:
+                chars[i] = rng.choice(alphabet)
+            else:
+                chars.insert(i, rng.choice(alphabet))
+        yield "".join(chars).encode()
+
+
+def test_records_load_exactly_as_json_loads_them() -> None:
+    fast = 0
+    for raw in _record_texts(random.Random(25112026)):
+        try:
+            expected: t.Any = json.loads(raw)
+        except ValueError as exc:
+            expected = type(exc)
+        try:
+            got: t.Any = repo_mod.load_record(raw)
+        except ValueError as exc:
+            got = type(exc)
+        assert got == expected, raw
+        assert type(got) is type(expected), raw
+        fast += repo_mod._flat_record(raw) is not None
+    assert fast >= 3  # the real identity record takes the path without json
+
+
 def test_identity_describe() -> None:
     assert IDENT_A.describe() == (
         f"system identifier {wal_samples.SYSID_A}, PostgreSQL 15, WAL segment size {16 * MiB}"
