@@ -1524,6 +1524,13 @@ _STOP_RE = re.compile(
 )
 _NEW_TLI_RE = re.compile(r"selected new timeline ID: (\d+)")
 _FAILURE_RE = re.compile(r"\b(FATAL|PANIC):")
+# What the server program writes to stderr before its logging is set up (no severity prefix):
+# "postgres: could not access the server configuration file ...", "postgres does not know
+# where to find the server configuration file", "pg_ctl: could not start server".
+_PROGRAM_FAILURE_RE = re.compile(
+    r"^\s*(postgres|postmaster|pg_ctl)(: (could not|cannot|invalid|unrecognized|.*error)"
+    r"| does not know| cannot)"
+)
 _INTEREST = (
     "recovery stopping",
     "pausing at the end of recovery",
@@ -1570,6 +1577,7 @@ class RecoveryLog:
     ended_before_target: bool = False
     failures: tuple[str, ...] = ()
     lines: tuple[str, ...] = ()
+    tail: tuple[str, ...] = ()  # the last lines, whatever they say
 
 
 def parse_recovery_log(text: str, max_lines: int = 60) -> RecoveryLog:
@@ -1611,9 +1619,12 @@ def parse_recovery_log(text: str, max_lines: int = 60) -> RecoveryLog:
             new_tli = int(tli.group(1))
         if "recovery ended before configured recovery target was reached" in line:
             ended_early = True
-        if _FAILURE_RE.search(line) and not any(c in line for c in _CLIENT_FATAL):
+        program_failure = bool(_PROGRAM_FAILURE_RE.search(line))
+        if (
+            _FAILURE_RE.search(line) and not any(c in line for c in _CLIENT_FATAL)
+        ) or program_failure:
             failures.append(line.strip())
-        if any(k in line for k in _INTEREST) or _FAILURE_RE.search(line):
+        if any(k in line for k in _INTEREST) or _FAILURE_RE.search(line) or program_failure:
             lines.append(line.strip())
     return RecoveryLog(
         stop_line,
@@ -1623,6 +1634,7 @@ def parse_recovery_log(text: str, max_lines: int = 60) -> RecoveryLog:
         ended_early,
         tuple(failures[-20:]),
         tuple(lines[-max_lines:]),
+        tuple(line.strip() for line in text.splitlines()[-12:] if line.strip()),
     )
 
 

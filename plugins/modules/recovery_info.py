@@ -179,6 +179,13 @@ log_lines:
   type: list
   elements: str
   sample: ['LOG:  consistent recovery state reached at 0/5000138']
+log_tail:
+  description: The last lines of the log since O(log_offset), whatever they say (a server that
+    could not start says why there, often without a severity prefix).
+  returned: always
+  type: list
+  elements: str
+  sample: ['postgres: could not access the server configuration file "/srv/copy/postgresql.conf"']
 log_size:
   description: The size of the log now (an offset for the next call).
   returned: always
@@ -224,6 +231,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
 )
 
 MAX_LOG_READ = 4 * 1024 * 1024
+POLL_SECONDS = 0.2
 
 
 def read_log(path: str | None, offset: int) -> tuple[str, int]:
@@ -303,6 +311,7 @@ def observe(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         "ended_before_target": log.ended_before_target,
         "log_failures": list(log.failures),
         "log_lines": list(log.lines),
+        "log_tail": list(log.tail),
         "log_size": size,
     }
     target = p["target"]
@@ -352,7 +361,9 @@ def main() -> None:
     try:
         facts = observe(p)
         while facts["phase"] not in recovery.TERMINAL_PHASES and time.monotonic() < deadline:
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            # A short poll: the role waits for this call, and the server often gets there
+            # a fraction of a second after the last look.
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
             facts = observe(p)
         if p["repository_path"] and facts["phase"] == "promoted" and facts["timeline"]:
             name = history_name(int(facts["timeline"]))

@@ -859,3 +859,144 @@ def test_in_place_restore_then_a_point_on_the_original_timeline(source: Source) 
     assert ids_tl == want
     # Promoting a clone from timeline 1 picks a timeline number no other history uses.
     assert int(t1.result["timeline"]) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# A clone of a cluster laid out as Debian does: configuration outside the data directory
+
+
+def test_clone_of_a_cluster_configured_outside_its_data_directory() -> None:
+    """pg_ctl can start the copy; a start that fails is reported in the server's own words."""
+    base = Path(tempfile.mkdtemp(prefix="pitr-rs-debian-"))
+    give_to_server_user(base)
+    repo = base / "repo"
+    repo.mkdir()
+    give_to_server_user(repo)
+    (base / "clones").mkdir()
+    give_to_server_user(base / "clones")
+    owner = "postgres" if os.geteuid() == 0 else None
+    program = install_host_command(base / "prefix", owner=owner)
+    cluster = PgCluster.create(
+        parent=str(base),
+        conf={
+            "wal_level": "replica",
+            "max_wal_senders": "4",
+            "archive_mode": "on",
+            "archive_command": "'"
+            + archive_command_for(program=program, repo=str(repo)).replace("'", "''")
+            + "'",
+        },
+    )
+    # As /etc/postgresql/MAJOR/main: the three files live in a directory of their own, and
+    # postgresql.conf names the data directory and the other two.
+    etc = cluster.basedir / "etc"
+    etc.mkdir()
+    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+        shutil.move(str(cluster.datadir / name), str(etc / name))
+    with (etc / "postgresql.conf").open("a", encoding="utf-8") as fh:
+        fh.write(
+            f"data_directory = '{cluster.datadir}'\n"
+            f"hba_file = '{etc / 'pg_hba.conf'}'\nident_file = '{etc / 'pg_ident.conf'}'\n"
+        )
+    give_to_server_user(etc)
+    subprocess.run(["chown", "-R", "postgres:postgres", str(etc)], check=True)
+    clones: list[Path] = []
+    try:
+        run_as_postgres(
+            ["/usr/bin/python3", "-I", "-S", program, "--repo", str(repo), "init", "--pgdata",
+             str(cluster.datadir)]
+        )  # fmt: skip
+        run_as_postgres(
+            [cluster.bin("pg_ctl"), "start", "-w", "-t", "60", "-D", str(etc),
+             "-l", str(cluster.logfile)]
+        )  # fmt: skip
+        assert not (cluster.datadir / "postgresql.conf").exists()
+        cluster.sql("CREATE TABLE marker (id int PRIMARY KEY)")
+        cluster.sql("INSERT INTO marker VALUES (1), (2)")
+        result = run_tasks(
+            [
+                {
+                    "name": "take the base backup",
+                    "pitr.postgresql.base_backup": {
+                        **cluster.module_params,
+                        "repository_path": str(repo),
+                    },
+                    "become": True,
+                    "become_user": "postgres",
+                }
+            ]
+        )
+        assert not result[-1].failed, result[-1].result
+        common = {
+            "pitr_repository_path": str(repo),
+            "pitr_install_prefix": str(base / "prefix"),
+            "pitr_restore_pg_bindir": DEFAULT_BINDIR,
+            "pitr_restore_service_manager": "pg_ctl",
+            "pitr_restore_login_unix_socket": str(cluster.sockdir),
+            # The copy's sockets go where the test connects (Debian's default is
+            # /var/run/postgresql).
+            "pitr_restore_pg_ctl_options": f"-k {cluster.sockdir}",
+            "pitr_restore_progress_interval": 2,
+            "pitr_restore_recovery_timeout": 180,
+            "pitr_restore_target": "immediate",
+            "pitr_restore_clone": True,
+        }
+        hosts = {}
+        for name in ("copy", "bad-config"):
+            clones.append(base / "clones" / name)
+            hosts[name] = {
+                **common,
+                "pitr_restore_clone_port": free_port(),
+                "pitr_restore_data_dir": str(clones[-1]),
+            }
+        # A start that cannot work: the server says why on stderr, without a FATAL prefix.
+        missing = base / "nowhere" / "postgresql.conf"
+        hosts["bad-config"]["pitr_restore_pg_ctl_options"] += f" -c config_file={missing}"
+        source_conf = (etc / "postgresql.conf").read_text(encoding="utf-8")
+        runs = run_restores(hosts)
+
+        copy = runs["copy"]
+        assert not copy.failed, copy.failure.get("msg")
+        assert copy.result["phase"] == "completed"
+        port = int(hosts["copy"]["pitr_restore_clone_port"])
+
+        def on_copy(query: str) -> str:
+            # The copy's pg_hba.conf allows local connections by OS user name (peer).
+            return run_as_postgres(
+                [cluster.bin("psql"), "-h", str(cluster.sockdir), "-p", str(port), "-X", "-A",
+                 "-t", "-d", "postgres", "-c", query]
+            ).stdout.strip()  # fmt: skip
+
+        assert on_copy("SELECT string_agg(id::text, ',' ORDER BY id) FROM marker") == "1,2"
+        # Its own configuration, never the source's files.
+        assert on_copy("SHOW config_file") == str(clones[0] / "postgresql.conf")
+        assert on_copy("SHOW data_directory") == str(clones[0])
+        assert on_copy("SHOW hba_file") == str(clones[0] / "pg_hba.conf")
+        assert on_copy("SHOW archive_mode") == "off"
+        on_copy("INSERT INTO marker VALUES (3)")
+        assert on_copy("SELECT max(id) FROM marker") == "3"
+        assert (etc / "postgresql.conf").read_text(encoding="utf-8") == source_conf
+
+        bad = runs["bad-config"]
+        assert bad.failed
+        msg = bad.failure["msg"]
+        assert "could not access the server configuration file" in msg, msg
+        assert str(missing) in msg
+        assert "without saying why" not in msg
+        assert "Nothing was promoted" in msg
+        assert state_file(clones[1])["phase"] == "failed"
+    finally:
+        for path in clones:
+            if (path / "postmaster.pid").exists():
+                subprocess.run(
+                    ["runuser", "-u", "postgres", "--", cluster.bin("pg_ctl"), "stop", "-D",
+                     str(path), "-m", "immediate"],
+                    capture_output=True, check=False, cwd="/",
+                )  # fmt: skip
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", cluster.bin("pg_ctl"), "stop", "-D", str(etc),
+             "-m", "immediate"],
+            capture_output=True, check=False, cwd="/",
+        )  # fmt: skip
+        cluster.destroy()
+        shutil.rmtree(base, ignore_errors=True)
