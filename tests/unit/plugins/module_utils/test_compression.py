@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import typing as t
+from pathlib import Path
 
 import pytest
 
@@ -256,3 +257,58 @@ def test_libraries_are_found_in_dist_packages_under_isolated_mode(tmp_path: t.An
         check=True,
     )
     assert out.stdout.split() == ["zstd", "_ZstdLib", "_Lz4Lib"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the host command's zstandard: the C backend, loaded without the package
+
+
+HOST_PYTHON = "/usr/bin/python3"
+HOST_ZSTANDARD = "/usr/lib/python3/dist-packages/zstandard"
+# The directory that holds ansible_collections/ (the module's path as imported, not resolved).
+COLLECTIONS = next(
+    (str(p.parent) for p in Path(compression.__file__).parents if p.name == "ansible_collections"),
+    "",
+)
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(HOST_ZSTANDARD) or not os.path.exists(HOST_PYTHON) or not COLLECTIONS,
+    reason="needs the distribution's python3 and python3-zstandard",
+)
+def test_host_command_loads_the_zstandard_c_backend_without_the_package() -> None:
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from ansible_collections.pitr.postgresql.plugins.module_utils import compression as c;"
+        "codec = c._load('zstd'); data = bytes(range(256)) * 4096;"
+        "blob = c.compress(data, 'zstd');"
+        "assert c.has_content_checksum(blob, 'zstd'), 'no frame checksum';"
+        "assert c.decompress(blob, 'zstd', len(data)) == data;"
+        "print(codec.mod.__name__, 'platform' in sys.modules, 'zstandard' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [HOST_PYTHON, "-I", "-S", "-c", code, COLLECTIONS],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["zstandard.backend_c", "False", "False"]
+
+
+def test_without_a_c_backend_the_zstandard_package_is_imported(
+    fresh_cache: dict[str, t.Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A zstandard package without backend_c (the cffi build): no direct load, the package's
+    # own import decides.
+    (tmp_path / "zstandard").mkdir()
+    (tmp_path / "zstandard" / "__init__.py").write_text("")
+    monkeypatch.setattr(compression.sys, "path", [str(tmp_path)])
+    monkeypatch.setattr(compression, "_DIST_PACKAGES", ())
+    monkeypatch.delitem(compression.sys.modules, "zstandard", raising=False)
+    assert compression._zstandard_c_backend() is None
+
+
+def test_a_zstandard_already_imported_is_used_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(compression.sys.modules, "zstandard", object())
+    assert compression._zstandard_c_backend() is None
