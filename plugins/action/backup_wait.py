@@ -23,6 +23,7 @@ import datetime as dt
 import time
 import typing as t
 
+from ansible import constants as C
 from ansible.errors import AnsibleError
 from ansible.module_utils.common.text.formatters import bytes_to_human
 from ansible.plugins.action import ActionBase
@@ -201,6 +202,19 @@ class ProgressLines:
         return progress_line(record, self.previous, self.host)
 
 
+def machine_readable(stdout_callback: object) -> bool:
+    """Does this stdout callback write a document a program parses (JSON)? The progress lines
+    then go to stderr, so that they do not break it."""
+    name = str(stdout_callback or "").rsplit(".", 1)[-1].lower()
+    return name in ("json", "jsonl")
+
+
+def say(line: str) -> None:
+    """Print a line from the controller (through the main process when in a worker)."""
+    callback = C.config.get_config_value("DEFAULT_STDOUT_CALLBACK")
+    display.display(line, stderr=machine_readable(callback))
+
+
 def job_done(status: Record) -> bool:
     """Has the async job ended (as ansible's own async poll decides)?"""
     return bool(
@@ -260,7 +274,7 @@ class ActionModule(ActionBase):
         final = job_result(status)
         line = final_line(final, host)
         if line:
-            display.display(line)
+            say(line)
         result.update(final)
         return result
 
@@ -305,12 +319,12 @@ class ActionModule(ActionBase):
                 records, problem = self._read_progress(args, task_vars)
                 if problem:
                     if problem != unavailable:
-                        display.display(f"[{host}] backup progress not available: {problem}")
+                        say(f"[{host}] backup progress not available: {problem}")
                     unavailable = problem
                 else:
                     line = lines.line(pick_record(records, args.get("label") or ""))
                     if line:
-                        display.display(line)
+                        say(line)
             until_line = next_line - time.monotonic()
             time.sleep(max(0.5, min(pause, interval, until_line if until_line > 0 else pause)))
             pause = min(2 * pause, interval)

@@ -372,3 +372,33 @@ def test_wait_without_repository_prints_nothing(shown: list[str]) -> None:
     status = action._wait({**ARGS, "repository_path": None}, "db1", 5.0, 10_000.0, {})
     assert bw.job_result(status)["msg"] == MODULE_FAILED["msg"]
     assert action.calls == ["status j1"] * 3 and shown == []
+
+
+@pytest.mark.parametrize(
+    ("callback", "expected"),
+    [
+        ("default", False),
+        ("ansible.builtin.default", False),
+        ("ansible.builtin.minimal", False),
+        ("community.general.yaml", False),
+        ("ansible.posix.json", True),
+        ("ansible.posix.jsonl", True),
+        ("json", True),
+        (None, False),
+    ],
+)
+def test_machine_readable_stdout_callbacks(callback: object, expected: bool) -> None:
+    assert bw.machine_readable(callback) is expected
+
+
+def test_lines_go_to_stderr_under_a_json_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, bool]] = []
+    monkeypatch.setattr(
+        bw.display, "display", lambda msg, stderr=False, **k: calls.append((msg, stderr))
+    )
+    callback = ["ansible.posix.json"]
+    monkeypatch.setattr(bw.C.config, "get_config_value", lambda name, *a, **k: callback[0])
+    bw.say("one")
+    callback[0] = "ansible.builtin.default"
+    bw.say("two")
+    assert calls == [("one", True), ("two", False)]
