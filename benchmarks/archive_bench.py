@@ -743,6 +743,21 @@ FLOOR_IMPORTS = (
     " import os, hashlib, json, struct, fcntl, zstandard"
 )
 STUB_IMPORTS = "import sys; [sys.modules.setdefault(n, type(sys)(n)) for n in {mods!r}]; "
+# The floor of the push as it is built now: the modules it needs, zstandard's C backend loaded
+# without its package (compression.py does that), and no json, re or platform.
+ZSTD_BACKEND = (
+    "import _imp, os; from importlib.machinery import ExtensionFileLoader, ModuleSpec;"
+    " d = '/usr/lib/python3/dist-packages/zstandard/';"
+    " p = d + [n for n in os.listdir(d) if n.startswith('backend_c.')][0];"
+    " s = ModuleSpec('zstandard.backend_c', ExtensionFileLoader('zstandard.backend_c', p),"
+    " origin=p); m = _imp.create_dynamic(s); _imp.exec_dynamic(m)"
+)
+LEAN_FLOOR_IMPORTS = (
+    "import os, hashlib, mmap, struct, fcntl, errno, time, _signal; " + ZSTD_BACKEND
+)
+# The same plus typing (and with it re, collections, functools, contextlib, enum): errors.py and
+# every module_utils file import it at run time, for NamedTuple, Protocol and annotations.
+TYPING_FLOOR_IMPORTS = "import typing; " + LEAN_FLOOR_IMPORTS
 
 
 def bench_startup(env: BenchEnv, runs: int) -> dict[str, t.Any]:
@@ -757,6 +772,16 @@ def bench_startup(env: BenchEnv, runs: int) -> dict[str, t.Any]:
         "pitr-wal push imports (incl. zstandard), no I/O": [*py, "-c", imports],
         "push imports, lazy shlex/subprocess/shutil/socket": [*py, "-c", lazy],
         "floor: only os, hashlib, json, struct, fcntl, zstandard": [*py, "-c", FLOOR_IMPORTS],
+        "lean floor: os, hashlib, mmap, struct, fcntl, _signal, zstd C backend": [
+            *py,
+            "-c",
+            LEAN_FLOOR_IMPORTS,
+        ],
+        "lean floor + typing (re, collections, functools, contextlib, enum)": [
+            *py,
+            "-c",
+            TYPING_FLOOR_IMPORTS,
+        ],
         "pitr-wal version, no .pyc": [*py, env.program_nopyc, "version"],
         "push imports, no .pyc": [*py, "-c", PUSH_IMPORTS.format(lib=host_lib(env.prefix_nopyc))],
     }
