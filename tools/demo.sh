@@ -15,7 +15,9 @@
 # Everything is removed at the end (PITR_DEMO_KEEP=1 keeps it and says how to remove it).
 # Full Ansible output of each step is kept in a log directory, named at the end.
 #
-# Environment: PITR_DEMO_KEEP=1 keep the containers; PITR_DEMO_SUBNET (default 10.89.210)
+# Environment: PITR_DEMO_KEEP=1 keep the containers; PITR_DEMO_KEEP_LOGS=1 keep the log
+# directory (with each playbook's JSON output, task timings included) also when the demo
+# succeeds; PITR_DEMO_SUBNET (default 10.89.210)
 # the /24 of the demo's podman network; CONTAINERS_CONF podman settings (default: the
 # repository's tests/containers/containers.conf).
 set -euo pipefail
@@ -74,9 +76,11 @@ cleanup() {
   podman rm --force --ignore --time 10 "$primary" "$restore" >/dev/null 2>&1 || true
   podman volume rm --force "$volume" >/dev/null 2>&1 || true
   podman network rm --force "$network" >/dev/null 2>&1 || true
-  if [[ $status -eq 0 ]]; then
+  if [[ $status -eq 0 && ${PITR_DEMO_KEEP_LOGS:-0} != 1 ]]; then
     rm -rf "$work"
     printf '\nRemoved the containers, the volume and the network.\n'
+  elif [[ $status -eq 0 ]]; then
+    printf '\nRemoved the containers, the volume and the network. Logs kept in %s\n' "$work"
   else
     printf '\nRemoved the containers, the volume and the network. Logs kept in %s\n' "$work" >&2
   fi
@@ -240,22 +244,9 @@ done
 say "the WAL up to now is in the repository (segment $segment archived)"
 took
 
-step "The restore host gets the pitr-wal command it restores WAL with (archiving role, install step)"
-cat >"$work/install-pitr-wal.yml" <<'EOF'
----
-# A host that only restores needs the pitr-wal command, not archiving of its own.
-- name: Install the pitr-wal command on the restore hosts
-  hosts: restore_hosts
-  become: true
-  gather_facts: false
-  tasks:
-    - name: Install pitr-wal
-      ansible.builtin.include_role:
-        name: pitr.postgresql.archiving
-        tasks_from: install.yml
-EOF
-ansible-playbook "$work/install-pitr-wal.yml" -i "$work/inventory.ini" >"$work/3-install-pitr-wal.json" \
-  2>"$work/3-install-pitr-wal.stderr" || fail "installing pitr-wal failed (output: $work/3-install-pitr-wal.json)"
+step "The restore host gets the pitr-wal command it restores WAL with: playbooks/install_host_command.yml"
+say "${dim}ansible-playbook playbooks/install_host_command.yml -e pitr_hosts=restore_hosts${reset}"
+playbook install_host_command 3-install-host-command -e pitr_hosts=restore_hosts
 # The restore refuses a data directory that holds another cluster: clear the empty one the
 # Debian package created.
 podman exec "$restore" systemctl stop postgresql@15-main

@@ -405,3 +405,17 @@ def test_argument_specs_document_every_default() -> None:
     for name, spec in options.items():
         assert spec.get("default") == defaults[name], name
         assert spec.get("description"), name
+
+
+def test_install_entry_point_documents_its_variables_with_the_role_defaults() -> None:
+    """The ``install`` entry point (tasks_from: install) validates the variables it uses."""
+    role = ROOT / "roles" / "archiving"
+    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text(encoding="utf-8"))
+    specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text(encoding="utf-8"))
+    options = specs["argument_specs"]["install"]["options"]
+    install_tasks = (role / "tasks" / "install.yml").read_text(encoding="utf-8")
+    used = set(re.findall(r"\b((?:pitr|archiving)_[a-z_]+)\b", install_tasks))
+    assert sorted(options) == sorted(used)
+    for name, spec in options.items():
+        assert spec.get("default") == defaults[name], name
+        assert spec.get("description"), name
