@@ -71,6 +71,7 @@ IGNORED_PREFIXES = ("pg_wal/",)
 IGNORED_FILES = ("backup_manifest",)
 CHUNK = 1 << 20
 READ_CHUNK = 4 << 20  # decompressed bytes per read: fits the L3 cache, few calls
+LZ4_STEP = 256 << 10  # python-lz4 allocates its output per call: big ones page-fault each time
 BLOCK = 512
 _DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
@@ -446,16 +447,16 @@ class _Lz4Frames:
         while True:
             if self.dec is None:
                 if not self.pending:
-                    self.pending = self.raw.read(CHUNK)
+                    self.pending = self.raw.read(LZ4_STEP)
                     if not self.pending:
                         return b""
                 self.dec = self.lib.LZ4FrameDecompressor()
             if self.dec.needs_input and not self.pending:
-                self.pending = self.raw.read(CHUNK)
+                self.pending = self.raw.read(LZ4_STEP)
                 if not self.pending:
                     raise EOFError("the lz4 stream ends inside a frame: it is truncated")
             data, self.pending = self.pending, b""
-            out = self.dec.decompress(data, max_length=size)
+            out = self.dec.decompress(data, max_length=min(size, LZ4_STEP))
             if self.dec.eof:
                 self.pending = bytes(self.dec.unused_data or b"")
                 self.dec = None
