@@ -153,6 +153,21 @@ def drop_page_cache_of(paths: t.Iterable[str]) -> None:
                 pass
 
 
+def drop_caches() -> str | None:
+    """``sync``, then drop the kernel's page cache (root only): the next read comes from disk.
+
+    None when it was done, else why not (not root, a container without write access to
+    ``/proc/sys``...).
+    """
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as fh:
+            fh.write("3\n")
+    except OSError as exc:
+        return f"cannot write /proc/sys/vm/drop_caches: {exc.strerror or exc}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # The host command, installed as the archiving role lays it out
 
