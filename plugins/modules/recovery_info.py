@@ -210,9 +210,7 @@ progress:
     last commit replayed 2026-11-25 10:12:01+00
 """
 
-import os
 import time
-import typing as t
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
@@ -220,126 +218,15 @@ from ansible_collections.pitr.postgresql.plugins.module_utils import recovery
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
 from ansible_collections.pitr.postgresql.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
-    connect,
     connection_argument_spec,
-    fetch_one,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.recovery_run import (
+    POLL_SECONDS,
+    observe,
+    progress_line,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
-from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
-    history_name,
-    parse_lsn,
-)
-
-MAX_LOG_READ = 4 * 1024 * 1024
-POLL_SECONDS = 0.2
-
-
-def read_log(path: str | None, offset: int) -> tuple[str, int]:
-    """The log text after ``offset`` (from the start when the file is shorter: rotated)."""
-    if not path:
-        return "", 0
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            start = offset if 0 <= offset <= size else 0
-            start = max(start, size - MAX_LOG_READ)
-            fh.seek(start)
-            return fh.read().decode("utf-8", errors="replace"), size
-    except OSError:
-        return "", 0
-
-
-def server_state(params: t.Mapping[str, t.Any]) -> dict[str, t.Any] | None:
-    """Recovery facts from the server, or None when it does not accept connections."""
-    from psycopg import sql
-
-    try:
-        with connect(params) as conn:
-            version = conn.info.server_version
-            pause = (
-                "pg_catalog.pg_get_wal_replay_pause_state()"
-                if version >= 140000
-                else "CASE WHEN pg_catalog.pg_is_wal_replay_paused() THEN 'paused'"
-                " ELSE 'not paused' END"
-            )
-            row = fetch_one(
-                conn,
-                sql.SQL(
-                    "SELECT pg_catalog.pg_is_in_recovery() AS in_recovery,"
-                    " CASE WHEN pg_catalog.pg_is_in_recovery() THEN {} END AS pause_state,"
-                    " pg_catalog.pg_last_wal_replay_lsn()::text AS replay_lsn,"
-                    " pg_catalog.pg_last_xact_replay_timestamp() AS replay_time,"
-                    " CASE WHEN pg_catalog.pg_is_in_recovery()"
-                    " THEN (SELECT timeline_id FROM pg_catalog.pg_control_checkpoint())::text"
-                    " ELSE pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()) END"
-                    " AS timeline_source"
-                ).format(sql.SQL(pause)),
-            )
-    except PitrError:
-        return None
-    if row is None:
-        return None
-    source = str(row["timeline_source"])
-    row["timeline"] = int(source[:8], 16) if len(source) == 24 else int(source)
-    return row
-
-
-def observe(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
-    pid = recovery.postmaster_pid(p["data_dir"])
-    server = server_state(p) if pid is not None else None
-    text, size = read_log(p["log_file"], p["log_offset"])
-    log = recovery.parse_recovery_log(text)
-    phase = recovery.recovery_phase(
-        running=pid is not None,
-        connected=server is not None,
-        in_recovery=None if server is None else bool(server["in_recovery"]),
-        pause_state=None if server is None else server["pause_state"],
-        log=log,
-    )
-    replay_time = server["replay_time"] if server else None
-    facts: dict[str, t.Any] = {
-        "phase": phase,
-        "running": pid is not None,
-        "pid": pid,
-        "in_recovery": None if server is None else bool(server["in_recovery"]),
-        "pause_state": None if server is None else server["pause_state"],
-        "replay_lsn": None if server is None else server["replay_lsn"],
-        "replay_time": recovery.format_target_time(replay_time) if replay_time else None,
-        "timeline": None if server is None else server["timeline"],
-        "stop_line": log.stop_line,
-        "new_timeline": log.new_timeline,
-        "ended_before_target": log.ended_before_target,
-        "log_failures": list(log.failures),
-        "log_lines": list(log.lines),
-        "log_tail": list(log.tail),
-        "log_size": size,
-    }
-    target = p["target"]
-    if target and phase in ("paused", "promoted"):
-        reached, where = recovery.confirm_stop(
-            target,
-            log,
-            parse_lsn(server["replay_lsn"]) if server and server["replay_lsn"] else None,
-            replay_time,
-        )
-        facts.update(target_reached=reached, stop_point=where)
-    return facts
-
-
-def progress_line(facts: t.Mapping[str, t.Any], p: t.Mapping[str, t.Any]) -> str:
-    parts = [str(facts["phase"])]
-    if facts["replay_lsn"]:
-        end = f" of {p['wal_end_lsn']}" if p["wal_end_lsn"] else ""
-        parts.append(f"replayed to {facts['replay_lsn']}{end}")
-    if facts["replay_time"]:
-        parts.append(f"last commit replayed {facts['replay_time']}")
-    if p["target"]:
-        parts.append(f"target {p['target'].get('description') or p['target'].get('value')}")
-    if facts.get("stop_point"):
-        parts.append(str(facts["stop_point"]))
-    if facts["phase"] == "failed" and facts["log_failures"]:
-        parts.append(facts["log_failures"][-1])
-    return ", ".join(parts)
+from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import history_name
 
 
 def main() -> None:

@@ -1,0 +1,99 @@
+# Copyright: contributors to pitr.postgresql
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Staging and swapping a restored data directory; what a server that cannot start says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.pitr.postgresql.plugins.module_utils import recovery, restore_stage
+
+TAR = {
+    "label": "b1",
+    "path": "/repo/backups/b1",
+    "layout": {
+        "format": "tar",
+        "base": "base.tar.zst",
+        "wal": "pg_wal.tar",
+        "decompress": "zstd",
+        "wal_decompress": None,
+    },
+}
+
+
+def test_unpack_commands_tar_with_compression_and_wal() -> None:
+    base, wal = restore_stage.unpack_commands(TAR, "/d.pitr-staging")
+    assert base[:5] == [
+        "tar",
+        "--extract",
+        "--no-same-owner",
+        "--file",
+        "/repo/backups/b1/base.tar.zst",
+    ]
+    assert "--use-compress-program=zstd" in base
+    assert base[base.index("--exclude") + 1] == restore_stage.STATE_FILE
+    assert wal[wal.index("--directory") + 1] == "/d.pitr-staging/pg_wal"
+    assert not any(a.startswith("--use-compress-program") for a in wal)
+
+
+def test_unpack_commands_plain_and_unknown() -> None:
+    plain = {"label": "p", "path": "/r/p", "layout": {"format": "plain"}}
+    assert restore_stage.unpack_commands(plain, "/s") == [
+        ["cp", "--recursive", "--preserve=mode,timestamps", "/r/p/.", "/s/"]
+    ]
+    with pytest.raises(restore_stage.StageError, match="no layout"):
+        restore_stage.unpack_commands({"label": "x", "path": "/r", "layout": {}}, "/s")
+
+
+def test_plan_swap_moves_aside_then_puts_in_place(tmp_path: Path) -> None:
+    data = tmp_path / "main"
+    (data / "global").mkdir(parents=True)
+    (tmp_path / "main.pitr-staging").mkdir()
+    old = str(tmp_path / "main.pitr-old-20261125T1000Z")
+    plan = restore_stage.plan_swap(str(data), old, full=True)
+    assert plan.move_aside == (str(data), old)
+    assert plan.put_in_place == (str(tmp_path / "main.pitr-staging"), str(data))
+    restore_stage.swap(plan)
+    assert (Path(old) / "global").is_dir()  # moved, not deleted
+    assert data.is_dir() and not (tmp_path / "main.pitr-staging").exists()
+    again = restore_stage.plan_swap(str(data), old, full=True)
+    assert not again.changed
+
+
+def test_plan_swap_resumes_between_the_two_renames(tmp_path: Path) -> None:
+    old = tmp_path / "main.pitr-old-x"
+    old.mkdir()
+    (tmp_path / "main.pitr-staging").mkdir()
+    plan = restore_stage.plan_swap(str(tmp_path / "main"), str(old), full=False)
+    assert plan.move_aside is None and plan.remove_empty is None
+    assert plan.put_in_place is not None
+
+
+def test_swap_refuses_to_remove_a_directory_that_is_not_empty(tmp_path: Path) -> None:
+    data = tmp_path / "main"
+    data.mkdir()
+    (data / "keep").write_text("x")
+    (tmp_path / "main.pitr-staging").mkdir()
+    plan = restore_stage.plan_swap(str(data), None, full=True)
+    with pytest.raises(restore_stage.StageError, match="Nothing was deleted"):
+        restore_stage.swap(plan)
+    assert (data / "keep").read_text() == "x"
+
+
+def test_a_server_that_cannot_start_is_a_failure_in_its_own_words() -> None:
+    text = (
+        'postgres: could not access the server configuration file "/x/postgresql.conf":'
+        " No such file or directory\n"
+    )
+    log = recovery.parse_recovery_log(text)
+    assert log.failures == (text.strip(),)
+    assert log.tail == (text.strip(),)
+    phase = recovery.recovery_phase(
+        running=False, connected=False, in_recovery=None, pause_state=None, log=log
+    )
+    assert phase == "failed"
+    quiet = recovery.parse_recovery_log("2026-11-25 10:00:00 UTC [1] LOG:  starting\n")
+    assert quiet.failures == ()
+    assert quiet.tail == ("2026-11-25 10:00:00 UTC [1] LOG:  starting",)
