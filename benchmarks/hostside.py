@@ -171,6 +171,10 @@ class _MmapSource:
             return b""
         return mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
 
+    def fileno(self) -> int:
+        # The tree maps the source itself now (archive._read): then this variant changes nothing.
+        return int(self._fh.fileno())
+
     def __enter__(self) -> _MmapSource:
         return self
 
@@ -283,7 +287,9 @@ def apply_variants(lib: str, variants: t.Collection[str]) -> None:
     if "zstd-mt" in variants:
 
         def compress_mt(self: t.Any, data: bytes, level: int) -> bytes:
-            return bytes(self.mod.ZstdCompressor(level=level, threads=2).compress(data))
+            return bytes(
+                self.mod.ZstdCompressor(level=level, threads=2, write_checksum=True).compress(data)
+            )
 
         compression._ZstdLib.compress = compress_mt  # type: ignore[method-assign]
     if "zstd-cli" in variants:
