@@ -40,7 +40,7 @@ options:
       - When set, the module reports the repository's identity and WAL summary, and checks that
         the repository belongs to this server (system identifier, major version, segment size).
       - When it cannot be read (missing, not mounted, no permission for the user the module
-        runs as), archiving into it cannot work: the verdict is unhealthy with the reason
+        runs as), archiving into it cannot work, so the verdict is unhealthy with the reason
         V(repository_unreadable), whose message names the path and the fix, and
         RV(repository.error) says why. The module never creates or changes it.
       - Run the module as the PostgreSQL user (C(become_user)), the user that archives.
