@@ -308,6 +308,16 @@ def test_check_mode_then_converge_then_nothing_to_change(make_role_target: MakeR
         assert installed.read_bytes() == source.read_bytes(), installed
         compiled = pycache / f"{installed.stem}.{sys.implementation.cache_tag}.pyc"
         assert mode_and_owner(compiled) == ("0o644", 0), compiled
+    # Installed from one archive, atomically: the content record, no temporary tree left.
+    record = json.loads((lib / VERSION / ".pitr-lib.json").read_text(encoding="utf-8"))
+    assert sorted(record["files"]) == sorted(
+        str(p.relative_to(lib / VERSION)) for p in (lib / VERSION).rglob("*.py")
+    )
+    assert sorted(p.name for p in lib.iterdir()) == [
+        f".module_utils-{VERSION}.tar.gz",
+        VERSION,
+        "current",
+    ]
     assert mode_and_owner(Path(target.program)) == ("0o755", 0)
     version = subprocess.run(
         [target.program, "version"], capture_output=True, text=True, check=False
