@@ -4,8 +4,11 @@
 
 ``ansible-playbook pitr.postgresql.pitr_restore -e target_time=...`` restores over a running
 server (a copy of the source cluster: same system identifier, its own port, a file
-``precious.txt`` that identifies it) and is killed, its whole process group with SIGKILL, at
-one step of the restore:
+``precious.txt`` that identifies it) and is killed with SIGKILL at one step of the restore.
+At ``stopping`` only the playbook's process group is killed (what it ran through sudo gets
+SIGHUP from its lost pty, or goes on: the ``pg_ctl stop`` waiting for the held shutdown does);
+at the other steps every process the playbook started dies with it, so that the module at
+work stops where it is (tar half way through the backup) instead of finishing its step:
 
 - ``stopping``: the server is shutting down (postmaster.pid says ``stopping``; a backend that
   ignores SIGTERM holds it there);
@@ -14,7 +17,10 @@ one step of the restore:
   backup is large enough for this to take a while);
 - ``staged``: the staging directory is complete (its state file says ``prepared``), the
   original still in place;
-- ``between-renames``: the original moved aside, the staging directory not yet in place;
+- ``between-renames``: the original moved aside, the staging directory not yet in place.
+  The swap's two renames are one module call, microseconds apart, so no poll can kill between
+  them: this state is made from a real kill at ``staged`` by doing the first rename as the
+  role does, to the name its state file records;
 - ``swapped``: the restored directory in place, the server not started;
 - ``recovering``: the server runs, consistent and in recovery, while a fetch of a WAL
   segment after the backup is held (a ``pitr-wal`` wrapper in front of the real one);
