@@ -24,7 +24,9 @@ work stops where it is (tar half way through the backup) instead of finishing it
 - ``swapped``: the restored directory in place, the server not started;
 - ``recovering``: the server runs, consistent and in recovery, while a fetch of a WAL
   segment after the backup is held (a ``pitr-wal`` wrapper in front of the real one);
-- ``paused``: replay stopped at the target, before the role promotes.
+- ``paused``: replay stopped at the target, before the role promotes;
+- ``recovering-group-only``: as ``recovering``, but only the playbook's process group is
+  killed, as at ``stopping``.
 
 The kill is triggered by that state appearing, not by task names or time. After the kill,
 whatever is at the data directory's path is the untouched original, a directory that carries
@@ -429,6 +431,19 @@ STEPS = {
         5, True, "restored", hold_fetches, when_recovering, replay_held, release_all
     ),
     "paused": Step(4, False, "restored", nothing, when_paused, paused_not_promoted, release_all),
+    # As an operator's Ctrl-C or a lost SSH session: only the playbook's process group is
+    # killed; the module following recovery, in its sudo session, gets SIGHUP from the lost
+    # pty (here it ends with it; the test only waits until it is gone, whatever it did).
+    "recovering-group-only": Step(
+        4,
+        True,
+        "restored",
+        hold_fetches,
+        when_recovering,
+        replay_held,
+        release_all,
+        kill_tree=False,
+    ),
 }
 
 
