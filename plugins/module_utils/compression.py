@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import os
 import sys
-import typing as t
 
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import typing as t
 
 CODECS = ("zstd", "lz4", "gzip", "none")
 AUTO = "auto"

@@ -8,7 +8,9 @@ into a log line and an exit code. Nothing below the module layer calls fail_json
 
 from __future__ import annotations
 
-import typing as t
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import typing as t
 
 
 class PitrError(Exception):

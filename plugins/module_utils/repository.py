@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-import typing as t
 
 from ansible_collections.pitr.postgresql.plugins.module_utils import compression
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
@@ -47,6 +46,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
     ObjectExistsError,
     RepositoryError,
 )
+from ansible_collections.pitr.postgresql.plugins.module_utils.lean_types import NamedTuple
 from ansible_collections.pitr.postgresql.plugins.module_utils.storage import (
     ObjectInfo,
     PosixStorage,
@@ -58,6 +58,10 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
     WalNameError,
     sort_key,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import typing as t
 
 IDENTITY_KEY = "pitr-repository.json"
 REPOSITORY_FORMAT = 1
@@ -73,7 +77,7 @@ _LEN = struct.Struct(">I")
 _MAX_HEADER = 64 * 1024
 
 
-class RepositoryIdentity(t.NamedTuple):
+class RepositoryIdentity(NamedTuple):
     """The cluster a repository belongs to."""
 
     system_identifier: int
@@ -87,7 +91,7 @@ class RepositoryIdentity(t.NamedTuple):
         )
 
 
-class WalObjectHeader(t.NamedTuple):
+class WalObjectHeader(NamedTuple):
     """The envelope header of one archived WAL file."""
 
     name: str

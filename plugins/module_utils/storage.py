@@ -14,8 +14,6 @@ import errno
 import fcntl
 import os
 import time
-import typing as t
-from contextlib import contextmanager
 
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
     LockHeldError,
@@ -23,12 +21,20 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.errors import (
     ObjectNotFoundError,
     StorageError,
 )
+from ansible_collections.pitr.postgresql.plugins.module_utils.lean_types import (
+    NamedTuple,
+    Protocol,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import typing as t
 
 TEMP_PREFIX = ".tmp-"
 LOCK_DIR = "locks"
 
 
-class ObjectInfo(t.NamedTuple):
+class ObjectInfo(NamedTuple):
     """What the storage knows about one stored object."""
 
     key: str
@@ -36,7 +42,7 @@ class ObjectInfo(t.NamedTuple):
     mtime: float
 
 
-class Storage(t.Protocol):
+class Storage(Protocol):
     """What the repository may ask of a storage backend."""
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
@@ -282,9 +288,13 @@ class PosixStorage:
         except OSError as exc:
             raise self._error("delete", key, exc) from exc
 
-    @contextmanager
-    def lock(self, name: str, *, purpose: str, wait: float = 0.0) -> t.Iterator[None]:
+    def lock(self, name: str, *, purpose: str, wait: float = 0.0) -> t.ContextManager[None]:
         """An exclusive flock on ``locks/<name>.lock``; the file records the holder."""
+        from contextlib import contextmanager  # not at the top: the push path takes no lock
+
+        return contextmanager(self._locked)(name, purpose, wait)
+
+    def _locked(self, name: str, purpose: str, wait: float) -> t.Iterator[None]:
         _check_key(name)
         lock_dir = os.path.join(self.root, LOCK_DIR)
         try:

@@ -797,6 +797,58 @@ def test_installed_program_imports_little(program: str) -> None:
     assert "ansible." not in out.stdout
 
 
+# What typing pulls in besides itself; none of it is on the push path either.
+HEAVY_FOR_A_PUSH = ("typing", "re", "enum", "collections", "functools", "contextlib")
+
+
+def test_installed_program_pushes_without_typing(program: str, env: dict[str, str]) -> None:
+    # A whole push through the installed launcher, as PostgreSQL runs it (/usr/bin/python3
+    # -I -S, in the data directory): typing and what it imports cost each segment more CPU
+    # than the rest of the start-up, so the push path's modules must not import them.
+    probe = (
+        # exec, not runpy: runpy itself imports contextlib and functools.
+        "import sys; sys.argv = sys.argv[1:]; path = sys.argv[0]\n"
+        "with open(path) as fh: launcher = compile(fh.read(), path, 'exec')\n"
+        "try:\n exec(launcher, {'__name__': '__main__', '__file__': path})\n"
+        "except SystemExit as exc: code = exc.code\n"
+        f"print(code, sorted(m for m in {HEAVY_FOR_A_PUSH!r} if m in sys.modules))"
+    )
+    argv = [program, "--repo", env["repo"], "--timeout", "0", "push", f"pg_wal/{SEG2}"]
+    out = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", probe, *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=env["pgdata"],
+        timeout=60,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr
+    assert "archived, 16.0 MiB" in out.stderr
+    assert Path(env["repo"], *wal_key(SEG2).split("/")).is_file()
+
+
+def test_push_path_modules_import_without_typing(program: str) -> None:
+    # Every module the push imports, imported from the installed copy on the launcher's path
+    # (this does not depend on how far a push gets before it imports them).
+    lib = os.path.join(os.path.dirname(os.path.dirname(program)), "lib", "current")
+    names = ("hostcmd", "archive", "repository", "storage", "compression", "walfile", "errors")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        + "".join(
+            f"import ansible_collections.pitr.postgresql.plugins.module_utils.{n}\n" for n in names
+        )
+        + f"print(sorted(m for m in {HEAVY_FOR_A_PUSH!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", code, lib],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize(("action", "code"), [("push", PUSH_FAILED), ("fetch", FETCH_FATAL)])
 def test_unexpected_error_without_timeout_keeps_the_exit_code_contract(
     env: dict[str, str],
