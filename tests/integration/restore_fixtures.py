@@ -99,6 +99,8 @@ def run_and_kill(
     poll: float = 0.002,
     kill_tree: bool = False,
     grace: float = 10,
+    freeze_until: Condition | None = None,
+    on_freeze: t.Callable[[], None] | None = None,
 ) -> Interruption:
     """Run ``playbook`` for ``hosts`` and SIGKILL its process group once ``condition()`` holds.
 
@@ -108,6 +110,11 @@ def run_and_kill(
     module doing the work, in its sudo session, included), instead of getting SIGHUP from its
     lost pty. Processes still alive ``grace`` seconds after the kill are returned as
     ``stragglers`` (still running: see ``wait_gone``).
+
+    With ``freeze_until``, the playbook and everything it started are stopped (SIGSTOP) when
+    ``condition()`` holds, ``on_freeze()`` runs, and the kill comes once ``freeze_until()``
+    holds: a state the server reaches by itself (paused at the target) is then met by a
+    playbook that has not moved since, whatever its own polling interval.
     """
     workdir = Path(tempfile.mkdtemp(prefix="pitr-kill-play-"))
     try:
@@ -140,14 +147,31 @@ def run_and_kill(
             )
         seen: dict[str, t.Any] | None = None
         tree: set[int] = set()
+        frozen = False
         deadline = time.monotonic() + timeout
         try:
             while proc.poll() is None:
                 seen = condition()
-                if seen is not None:
+                if seen is not None and freeze_until is not None:
+                    frozen = True
                     tree = process_tree(proc.pid)
+                    os.killpg(proc.pid, signal.SIGSTOP)
+                    signal_all(tree, signal.SIGSTOP)
+                    tree |= process_tree(proc.pid)
+                    signal_all(tree, signal.SIGSTOP)
+                    if on_freeze is not None:
+                        on_freeze()
+                    settled = None
+                    while settled is None:
+                        if time.monotonic() > deadline:
+                            raise AssertionError(f"no {freeze_until} within {timeout}s")
+                        time.sleep(poll)
+                        settled = freeze_until()
+                    seen = {**seen, **settled}
+                if seen is not None:
+                    tree |= process_tree(proc.pid)
                     os.killpg(proc.pid, signal.SIGKILL)
-                    if kill_tree:
+                    if kill_tree or frozen:
                         kill_all(tree)
                         tree |= process_tree(proc.pid)  # children forked meanwhile
                         kill_all(tree)
@@ -156,9 +180,12 @@ def run_and_kill(
                     raise AssertionError(f"the playbook ran for more than {timeout}s")
                 time.sleep(poll)
         finally:
-            if proc.poll() is None and seen is None:
-                tree = process_tree(proc.pid)
-                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                tree |= process_tree(proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                if frozen:
+                    kill_all(tree)
             proc.wait(timeout=60)
             stragglers = wait_gone(tree - {proc.pid}, grace, kill=False)
         return Interruption(
@@ -172,10 +199,14 @@ def run_and_kill(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def kill_all(pids: t.Iterable[int]) -> None:
+def signal_all(pids: t.Iterable[int], signum: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
+
+
+def kill_all(pids: t.Iterable[int]) -> None:
+    signal_all(pids, signal.SIGKILL)
 
 
 def wait_gone(pids: t.Iterable[int], timeout: float = 60, kill: bool = True) -> list[int]:

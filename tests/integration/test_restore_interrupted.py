@@ -24,7 +24,8 @@ work stops where it is (tar half way through the backup) instead of finishing it
 - ``swapped``: the restored directory in place, the server not started;
 - ``recovering``: the server runs, consistent and in recovery, while a fetch of a WAL
   segment after the backup is held (a ``pitr-wal`` wrapper in front of the real one);
-- ``paused``: replay stopped at the target, before the role promotes;
+- ``paused``: replay stopped at the target, before the role promotes (the playbook is frozen
+  while fetches are held, they are released, and the kill comes when the server paused);
 - ``recovering-group-only``: as ``recovering``, but only the playbook's process group is
   killed, as at ``stopping``.
 
@@ -247,6 +248,11 @@ class Step:
     # False: only its process group, the rest gets SIGHUP from the lost pty (or keeps going).
     kill_tree: bool = True
     after_kill: t.Callable[[Setup, Original], None] | None = None
+    # Freeze the playbook when ``condition`` holds, run ``on_freeze``, kill once this holds.
+    freeze_until: t.Callable[[Setup, Original], t.Callable[[], dict[str, t.Any] | None]] | None = (
+        None
+    )
+    on_freeze: t.Callable[[Setup, Original], None] | None = None
 
 
 def nothing(_s: Setup, _o: Original) -> None:
@@ -372,6 +378,10 @@ def replay_held(s: Setup, o: Original) -> None:
     assert row == "true not paused", row
 
 
+def open_fetches(s: Setup, o: Original) -> None:
+    s.gate.open(o.data_dir)
+
+
 def release_all(_s: Setup, o: Original) -> None:
     for cleanup in o.cleanups:
         cleanup()
@@ -430,7 +440,21 @@ STEPS = {
     "recovering": Step(
         5, True, "restored", hold_fetches, when_recovering, replay_held, release_all
     ),
-    "paused": Step(4, False, "restored", nothing, when_paused, paused_not_promoted, release_all),
+    # The role follows the server every fraction of a second and promotes as soon as it sees
+    # the pause: to kill it in between without a race, the playbook is frozen while the
+    # fetches are held (replay cannot reach the target yet), the fetches are released, and
+    # the kill comes once the server paused at the target by itself.
+    "paused": Step(
+        4,
+        False,
+        "restored",
+        hold_fetches,
+        when_recovering,
+        paused_not_promoted,
+        release_all,
+        freeze_until=when_paused,
+        on_freeze=open_fetches,
+    ),
     # As an operator's Ctrl-C or a lost SSH session: only the playbook's process group is
     # killed; the module following recovery, in its sudo session, gets SIGHUP from the lost
     # pty (here it ends with it; the test only waits until it is gone, whatever it did).
@@ -515,7 +539,12 @@ def test_killed_restore_never_starts_as_if_nothing_happened_and_reruns(
     try:
         step.prepare(setup, o)
         killed = run_and_kill(
-            hosts, step.condition(setup, o), extra_vars=extra, kill_tree=step.kill_tree
+            hosts,
+            step.condition(setup, o),
+            extra_vars=extra,
+            kill_tree=step.kill_tree,
+            freeze_until=step.freeze_until(setup, o) if step.freeze_until else None,
+            on_freeze=(lambda: step.on_freeze(setup, o)) if step.on_freeze else None,
         )
         assert killed.seen is not None, (
             f"kill point {step_name!r} was not reached: {killed.explain()}"
