@@ -266,7 +266,7 @@ class ServerProbe:
                     autocommit=True,
                     connect_timeout=2,
                 )
-            row = self.conn.execute(query).fetchone()  # type: ignore[arg-type]
+            row = self.conn.execute(query).fetchone()
             return tuple(row) if row is not None else None
         except psycopg.Error:
             self.close()

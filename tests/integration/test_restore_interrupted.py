@@ -538,13 +538,14 @@ def test_killed_restore_never_starts_as_if_nothing_happened_and_reruns(
     killed: Interruption | None = None
     try:
         step.prepare(setup, o)
+        on_freeze = step.on_freeze
         killed = run_and_kill(
             hosts,
             step.condition(setup, o),
             extra_vars=extra,
             kill_tree=step.kill_tree,
             freeze_until=step.freeze_until(setup, o) if step.freeze_until else None,
-            on_freeze=(lambda: step.on_freeze(setup, o)) if step.on_freeze else None,
+            on_freeze=(lambda: on_freeze(setup, o)) if on_freeze is not None else None,
         )
         assert killed.seen is not None, (
             f"kill point {step_name!r} was not reached: {killed.explain()}"
