@@ -16,6 +16,7 @@ they would do (check mode) from the same inputs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -299,18 +300,35 @@ def plan_swap(data_dir: str, old_data_dir: str | None, full: bool) -> SwapPlan:
     return SwapPlan(move_aside, remove_empty, in_place)
 
 
+def _move(source: str, destination: str) -> None:
+    """Rename a directory; where the file system cannot (EXDEV: a directory from a lower
+    overlayfs layer, as in containers), ``mv`` copies it and removes the source only once the
+    copy is complete."""
+    try:
+        os.rename(source, destination)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    result = runner.run(
+        ["mv", "--no-target-directory", source, destination], check=False, cwd="/", timeout=None
+    )
+    if result.rc != 0:
+        raise OSError(errno.EXDEV, f"mv {source} {destination}: {result.stderr.strip()}")
+
+
 def swap(plan: SwapPlan) -> None:
     """Carry out ``plan``: two renames in one parent directory, then fsync the parent."""
     touched: set[str] = set()
     try:
         if plan.move_aside:
-            os.rename(*plan.move_aside)
+            _move(*plan.move_aside)
             touched.add(os.path.dirname(plan.move_aside[0]) or ".")
         if plan.remove_empty:
             os.rmdir(plan.remove_empty)
             touched.add(os.path.dirname(plan.remove_empty) or ".")
         if plan.put_in_place:
-            os.rename(*plan.put_in_place)
+            _move(*plan.put_in_place)
             touched.add(os.path.dirname(plan.put_in_place[1]) or ".")
     except OSError as exc:
         raise StageError(

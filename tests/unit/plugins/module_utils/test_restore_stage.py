@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,22 @@ def test_a_server_that_cannot_start_is_a_failure_in_its_own_words() -> None:
     quiet = recovery.parse_recovery_log("2026-11-25 10:00:00 UTC [1] LOG:  starting\n")
     assert quiet.failures == ()
     assert quiet.tail == ("2026-11-25 10:00:00 UTC [1] LOG:  starting",)
+
+
+def test_swap_falls_back_to_mv_where_rename_says_cross_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # overlayfs (containers) refuses to rename a directory from a lower layer with EXDEV.
+    def refuse(src: str, dst: str) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    data = tmp_path / "main"
+    data.mkdir()
+    (data / "PG_VERSION").write_text("15\n")
+    (tmp_path / "main.pitr-staging").mkdir()
+    old = str(tmp_path / "main.pitr-old-x")
+    plan = restore_stage.plan_swap(str(data), old, full=True)
+    monkeypatch.setattr(restore_stage.os, "rename", refuse)
+    restore_stage.swap(plan)
+    assert (Path(old) / "PG_VERSION").read_text() == "15\n"
+    assert data.is_dir() and not (data / "PG_VERSION").exists()
