@@ -501,3 +501,27 @@ def test_lz4_frames_in_a_row_and_truncated(tmp_path: Path) -> None:
     with pytest.raises(EOFError):
         while stream.read(10_000):
             pass
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_verify_through_the_program_when_the_library_is_missing(
+    tmp_path: Path, codec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    if shutil.which(codec) is None:
+        pytest.skip(f"the {codec} program is not installed")
+    d = make_backup(tmp_path, codec=codec, algorithm="CRC32C")
+    real = m._import_optional
+    monkeypatch.setattr(
+        m, "_import_optional", lambda name: None if name != "crc32c" else real(name)
+    )
+    report = m.verify_tar_backup(str(d), segment_size=SEG)
+    assert report.ok, report.problems
+    assert report.files_checked == len(FILES)
+    path = d / f"base.tar{SUFFIX[codec]}"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    report = m.verify_tar_backup(str(d), segment_size=SEG)
+    assert not report.ok
+    assert any(f"base.tar{SUFFIX[codec]}" in p for p in report.problems), report.problems
