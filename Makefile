@@ -27,7 +27,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DEBIAN_FRONTEND := noninteractive
 
 APT_PACKAGES := postgresql postgresql-contrib python3-venv python3-psycopg python3-zstandard \
-	python3-crc32c python3-lz4 zstd lz4 pgbackrest podman runc debootstrap uidmap fuse-overlayfs rsync sudo git \
+	python3-crc32c libisal2 python3-lz4 zstd lz4 pgbackrest podman runc debootstrap uidmap fuse-overlayfs rsync sudo git \
 	openssh-client \
 	shellcheck
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
