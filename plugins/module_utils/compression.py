@@ -81,8 +81,12 @@ def _zstandard_c_backend() -> t.Any:
 
 
 def _load_extension(name: str, path: str) -> t.Any:
+    # The classes importlib.machinery re-exports, from the modules the interpreter has
+    # already loaded at start-up: importlib.machinery itself would import importlib and
+    # warnings.
     import _imp
-    from importlib.machinery import ExtensionFileLoader, ModuleSpec
+    from _frozen_importlib import ModuleSpec
+    from _frozen_importlib_external import ExtensionFileLoader
 
     spec = ModuleSpec(name, ExtensionFileLoader(name, path), origin=path)
     module = _imp.create_dynamic(spec)
