@@ -156,8 +156,7 @@ class _Protocol:
 
 
 if TYPE_CHECKING:
-    from typing import NamedTuple as NamedTuple
-    from typing import Protocol as Protocol
+    from typing import NamedTuple, Protocol
 else:
     NamedTuple = _NamedTuple
     Protocol = _Protocol
