@@ -1421,10 +1421,8 @@ class WaldumpInspector:
         self.segment_size = segment_size
         self.calls = 0
         self._placeholders: set[str] = set()
-        # Segments are read once and thrown away: memory-backed /dev/shm when there is one.
-        shm = "/dev/shm"
-        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
-        self._dir = tempfile.mkdtemp(prefix="pitr-waldump-", dir=base)
+        # Not /dev/shm: it is 64 MiB in a container, and a binary search holds a dozen segments.
+        self._dir = tempfile.mkdtemp(prefix="pitr-waldump-")
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
