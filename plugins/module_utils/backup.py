@@ -233,11 +233,29 @@ def identify_server(bindir: str, env: t.Mapping[str, str], timeout: float = 60) 
         raise BackupError(
             "cannot open a replication connection to the server: "
             + exc.msg
-            + ". The role needs the REPLICATION attribute (or superuser) and pg_hba.conf a"
-            " 'replication' line for it",
+            + ". "
+            + connection_hint(exc.msg),
             **exc.context,
         ) from exc
     return parse_identify(res.stdout)
+
+
+# libpq's words when nothing answers at the address (server down, wrong port, host or socket).
+_NOBODY_THERE = ("Is the server running", "Connection refused", "No such file or directory",
+                 "could not translate host name", "timeout expired")  # fmt: skip
+
+
+def connection_hint(error: str) -> str:
+    """The fix to suggest for a failed replication connection, from libpq's message."""
+    if any(words in error for words in _NOBODY_THERE):
+        return (
+            "Nothing answered there: start PostgreSQL, or check the host, port and socket"
+            " directory the backup connects to"
+        )
+    return (
+        "The role needs the REPLICATION attribute (or superuser) and pg_hba.conf a"
+        " 'replication' line for it"
+    )
 
 
 # Plan ------------------------------------------------------------------------------------------
@@ -1249,6 +1267,29 @@ Exit status: 0 when the backup is usable (or a recent one made it unnecessary), 
 """
 
 
+def progress_logger(
+    say: t.Callable[[str], None],
+    clock: t.Callable[[], float] = time.monotonic,
+    every: float = 30.0,
+) -> t.Callable[[Progress], None]:
+    """A progress callback for logs: the first line, one every ``every`` seconds and one when
+    all is sent; not pg_basebackup's start-up 0 of 0, nor its repeats of 100 %."""
+    last: list[float | None] = [None]
+    said_done = [False]
+
+    def on_progress(p: Progress) -> None:
+        if p.total_bytes <= 0 or said_done[0]:
+            return
+        done = p.percent >= 100.0
+        now = clock()
+        if done or last[0] is None or now - last[0] >= every:
+            said_done[0] = done
+            last[0] = now
+            say(f"{p.label}: {p.done_bytes >> 20} of {p.total_bytes >> 20} MiB ({p.percent}%)")
+
+    return on_progress
+
+
 def host_main(argv: t.Sequence[str] | None = None) -> int:
     """``pitr-backup``: the base_backup module as a command on the database host."""
     import argparse
@@ -1278,12 +1319,7 @@ def host_main(argv: t.Sequence[str] | None = None) -> int:
         sys.stderr.write(f"pitr-backup: {text}\n")
         sys.stderr.flush()
 
-    last = [0.0]
-
-    def on_progress(p: Progress) -> None:
-        if time.monotonic() - last[0] >= 30 or p.percent >= 100.0:
-            last[0] = time.monotonic()
-            say(f"{p.label}: {p.done_bytes >> 20} of {p.total_bytes >> 20} MiB ({p.percent}%)")
+    on_progress = progress_logger(say)
 
     try:
         result = run_base_backup(params, on_progress=on_progress)
