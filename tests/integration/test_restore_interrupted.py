@@ -69,7 +69,7 @@ from test_pitr_restore import (
     run_as_postgres,
     run_restores,
     scalar,
-    source,  # noqa: F401 (the module-scoped source cluster fixture)
+    source,  # noqa: F401 (module-scoped fixture)  # pylint: disable=unused-import
     state_file,
     switch_and_archive,
     utc_text,
