@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import test_pitr_restore
 from ansible_runner import run_tasks
 from pgcluster import DEFAULT_BINDIR
 from restore_fixtures import (
@@ -69,7 +70,6 @@ from test_pitr_restore import (
     run_as_postgres,
     run_restores,
     scalar,
-    source,  # noqa: F401 (module-scoped fixture)  # pylint: disable=unused-import
     state_file,
     switch_and_archive,
     utc_text,
@@ -81,6 +81,9 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
     parse_lsn,
     segment_for_lsn,
 )
+
+# The module-scoped source cluster of test_pitr_restore, as a fixture of this module too.
+source = test_pitr_restore.source
 
 PRECIOUS = "keep me: the original data directory\n"
 # Rows of about 100 bytes that compress to about half: the base backup takes a while to
@@ -108,7 +111,7 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(source: Source) -> Setup:  # noqa: F811
+def setup(source: Source) -> Setup:
     cluster = source.cluster
     template = source.base / "template-original"
     run_as_postgres(
