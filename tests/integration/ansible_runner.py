@@ -119,6 +119,44 @@ def _environment(extra: t.Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
+def run_playbook_file(
+    playbook: Path,
+    hosts: t.Mapping[str, t.Mapping[str, t.Any]],
+    workdir: Path,
+    *,
+    check: bool = False,
+    timeout: float = 600,
+) -> tuple[int, str]:
+    """Run ``playbook`` as a user would (the checkout's ansible.cfg, the default stdout
+    callback) for ``hosts`` in the inventory group ``postgresql``; its exit code and output
+    (stdout and stderr together)."""
+    inventory = workdir / "inventory.json"
+    inventory.write_text(json.dumps({"postgresql": {"hosts": dict(hosts)}}))
+    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory)]
+    argv += [str(playbook)] + (["--check"] if check else [])
+    env = dict(os.environ)
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+            "ANSIBLE_COLLECTIONS_PATH": collections_path(),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
+        }
+    )
+    proc = subprocess.run(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return proc.returncode, proc.stdout
+
+
 def run_playbook_text(
     playbook: str,
     *,

@@ -21,7 +21,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
-from ansible_runner import collections_path
+from ansible_runner import run_playbook_file
 from pgcluster import PgCluster, give_to_server_user
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,37 +62,9 @@ class Target:
             "base_backup_poll_interval": 1,
             **(extra or {}),
         }
-        inventory = self.workdir / "inventory.json"
-        inventory.write_text(json.dumps({"postgresql": {"hosts": {"localhost": hostvars}}}))
-        argv = [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            str(inventory),
-            str(PLAYBOOK),
-        ]
-        if check:
-            argv.append("--check")
-        env = dict(os.environ)
-        env.update(
-            {
-                "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-                "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-                "ANSIBLE_COLLECTIONS_PATH": collections_path(),
-                "ANSIBLE_NOCOLOR": "1",
-                "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-            }
+        return run_playbook_file(
+            PLAYBOOK, {"localhost": hostvars}, self.workdir, check=check, timeout=300
         )
-        proc = subprocess.run(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        return proc.returncode, proc.stdout
 
     def backups(self) -> list[str]:
         d = self.repository / "backups"
