@@ -28,7 +28,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.errors import Pitr
 from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import parse_lsn
 
 MAX_LOG_READ = 4 * 1024 * 1024
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.1
 
 
 class RecoveryRunError(PitrError):
@@ -121,6 +121,7 @@ def observe(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         "replay_time": recovery.format_target_time(replay_time) if replay_time else None,
         "timeline": None if server is None else server["timeline"],
         "stop_line": log.stop_line,
+        "paused_at_target": log.paused_at_target,
         "new_timeline": log.new_timeline,
         "ended_before_target": log.ended_before_target,
         "log_failures": list(log.failures),
@@ -138,6 +139,23 @@ def observe(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         )
         facts.update(target_reached=reached, stop_point=where)
     return facts
+
+
+def resume_to_promote(params: t.Mapping[str, t.Any]) -> None:
+    """End a recovery that paused at its target (``recovery_target_action = pause``).
+
+    ``pg_wal_replay_resume()`` wakes the startup process at once and recovery ends; a promote
+    request is only seen when its pause loop next wakes by itself (up to a second later).
+    """
+    from psycopg import sql
+
+    from ansible_collections.pitr.postgresql.plugins.module_utils.postgres import (
+        connect,
+        execute,
+    )
+
+    with connect(params) as conn:
+        execute(conn, sql.SQL("SELECT pg_catalog.pg_wal_replay_resume()"))
 
 
 def progress_line(facts: t.Mapping[str, t.Any], p: t.Mapping[str, t.Any]) -> str:
@@ -164,6 +182,7 @@ def follow(
     until: t.Collection[str] = recovery.TERMINAL_PHASES,
     started: float | None = None,
     grace_seconds: float = 0.0,
+    poll_seconds: float = POLL_SECONDS,
 ) -> tuple[dict[str, t.Any], list[dict[str, t.Any]]]:
     """Look until the phase is one of ``until`` or ``wait_seconds`` passed; facts and samples.
 
@@ -195,7 +214,7 @@ def follow(
         if settled or now >= deadline:
             facts["progress"] = progress_line(facts, p)
             return facts, samples
-        time.sleep(min(POLL_SECONDS, max(0.0, deadline - now)))
+        time.sleep(min(poll_seconds, max(0.0, deadline - now)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import json
 import os
 import pwd
 import shutil
+import threading
 import typing as t
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -217,8 +218,30 @@ def stage(request: StageRequest) -> dict[str, t.Any]:
     commands = unpack_commands(request.backup, staging)
     if layout.get("format") == "tar":
         os.makedirs(os.path.join(staging, "pg_wal"), mode=0o700, exist_ok=True)
-    for argv in commands:
-        result = runner.run(argv, check=False, cwd="/", timeout=None)
+    # The base and pg_wal archives unpack into different directories: at the same time.
+    results: list[runner.CommandResult | PitrError | None] = [None] * len(commands)
+
+    def unpack(i: int) -> None:
+        try:
+            results[i] = runner.run(commands[i], check=False, cwd="/", timeout=None)
+        except PitrError as exc:  # the program cannot be started
+            results[i] = exc
+
+    helpers = [threading.Thread(target=unpack, args=(i,)) for i in range(1, len(commands))]
+    for helper in helpers:
+        helper.start()
+    try:
+        unpack(0)
+    finally:
+        for helper in helpers:
+            helper.join()
+    for argv, result in zip(commands, results, strict=True):
+        if isinstance(result, PitrError):
+            raise result
+        if result is None:
+            raise StageError(
+                f"laying down backup {request.backup.get('label')}: {argv[0]} did not run"
+            )
         if result.rc != 0:
             raise StageError(
                 f"laying down backup {request.backup.get('label')} failed: {argv[0]} exited"

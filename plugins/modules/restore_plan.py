@@ -120,7 +120,8 @@ options:
   pitr_wal:
     description:
       - Absolute path of the C(pitr-wal) command on the host that will run the restored server;
-        it becomes the C(restore_command).
+        it becomes the C(restore_command). The module fails when it is missing, before it
+        reads the repository.
     type: path
     default: /usr/local/lib/pitr-postgresql/bin/pitr-wal
   python:
@@ -390,6 +391,18 @@ def check_programs(programs: t.Sequence[str], pitr_wal: str, python: str) -> Non
         )
 
 
+def check_pitr_wal(pitr_wal: str) -> None:
+    """The restored server fetches WAL with pitr-wal: refuse before anything when it is missing."""
+    if not os.path.isfile(pitr_wal):
+        raise PitrError(
+            f"{pitr_wal} is missing: the restored server fetches WAL with it. Install it with the"
+            " pitr.postgresql.archiving role, or on a host that only restores (a clone or a drill"
+            " host) with the playbook pitr.postgresql.install_host_command"
+            " (playbooks/install_host_command.yml), or set pitr_install_prefix to where it is",
+            missing=[pitr_wal],
+        )
+
+
 def check_backup_files(backup: t.Mapping[str, t.Any]) -> None:
     layout = backup["layout"]
     if layout["format"] == "tar":
@@ -512,6 +525,7 @@ def main() -> None:
     p = module.params
     try:
         target = parse_target(p)  # the user's input first, before reading anything
+        check_pitr_wal(p["pitr_wal"])
         repo, identity = open_repository(p["repository_path"])
         data_dir = p["data_dir"] or f"/var/lib/postgresql/{identity.pg_major}/main"
         bindir = p["pg_bindir"] or f"/usr/lib/postgresql/{identity.pg_major}/bin"

@@ -12,7 +12,9 @@ description:
   - With O(step=start), records phase C(recovering) in the restore's state file
     (C(pitr_restore.json)) and, with O(service_manager=pg_ctl), starts the server
     (C(pg_ctl start --no-wait)). Returns the size the server log had before, for O(log_offset).
-  - With O(step=follow), watches the server (every 0.2 s) for up to O(wait_seconds), and returns
+  - With O(step=follow) and O(start=true), first does what O(step=start) does (one call instead of
+    two), and returns C(log_offset) for the calls that follow.
+  - With O(step=follow), watches the server (every 0.1 s) for up to O(wait_seconds), and returns
     its progress with a sample a second. Once it stops moving on by itself, finishes the
     restore - confirms that replay stopped at the target, promotes (or leaves it paused, or shuts
     it down with O(service_manager=pg_ctl)), waits until it runs on its new timeline, removes
@@ -28,6 +30,10 @@ options:
     type: str
     choices: [start, follow]
     required: true
+  start:
+    description: With O(step=follow), start first (see above).
+    type: bool
+    default: false
   data_dir:
     description: The restored data directory.
     type: path
@@ -160,8 +166,8 @@ EXAMPLES = r"""
 
 RETURN = r"""
 log_offset:
-  description: The size of the server log before the start (O(step=start)).
-  returned: when O(step=start)
+  description: The size of the server log before the start.
+  returned: when O(step=start), or O(start=true)
   type: int
   sample: 18211
 done:
@@ -217,6 +223,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import his
 
 ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
     "step": {"type": "str", "choices": ["start", "follow"], "required": True},
+    "start": {"type": "bool", "default": False},
     "data_dir": {"type": "path", "required": True},
     "state": {"type": "dict", "default": {}},
     "service_manager": {"type": "str", "choices": ["systemd", "pg_ctl"], "default": "systemd"},
@@ -276,9 +283,10 @@ def failure_message(p: t.Mapping[str, t.Any], r: t.Mapping[str, t.Any]) -> str:
     )
 
 
-def finish(module: AnsibleModule, r: dict[str, t.Any]) -> dict[str, t.Any]:
+def finish(
+    module: AnsibleModule, p: t.Mapping[str, t.Any], r: dict[str, t.Any]
+) -> dict[str, t.Any]:
     """Confirm, promote or pause or shut down, clean up, record: the restore's outcome."""
-    p = module.params
     data_dir, state = p["data_dir"], p["state"] or {}
     if r["phase"] not in ("paused", "promoted"):
         recovery_run.record_state(
@@ -307,12 +315,17 @@ def finish(module: AnsibleModule, r: dict[str, t.Any]) -> dict[str, t.Any]:
     timeline = r["timeline"]
     history_archived = None
     if promote:
-        if r["phase"] == "paused":
+        if r["phase"] == "paused" and r.get("paused_at_target"):
+            # The server log says recovery paused at its end (the target): resuming ends it.
+            recovery_run.resume_to_promote(p)
+        elif r["phase"] == "paused":
             recovery_run.pg_ctl(p["pg_bindir"], "promote", data_dir, "--wait", "--timeout=300")
-        promoted, _samples = recovery_run.follow(p, 60, until=("promoted", "failed", "stopped"))
+        promoted, _samples = recovery_run.follow(
+            p, 60, until=("promoted", "failed", "stopped"), poll_seconds=0.05
+        )
         if promoted["phase"] != "promoted":
             module.fail_json(
-                msg=f"The server at {data_dir} did not come out of recovery after pg_ctl promote"
+                msg=f"The server at {data_dir} did not come out of recovery when promoted"
                 f" ({promoted['progress']}). Server log: {' | '.join(promoted['log_lines'][-12:])}",
                 recovery=promoted,
             )
@@ -360,6 +373,18 @@ def finish(module: AnsibleModule, r: dict[str, t.Any]) -> dict[str, t.Any]:
     return outcome
 
 
+def start(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """Record phase ``recovering``, then start the server when this module manages it."""
+    offset = recovery_run.log_size(p["log_file"])
+    recovery_run.record_state(p["data_dir"], p["state"], "recovering")
+    cmd: list[str] = []
+    if p["service_manager"] == "pg_ctl":
+        cmd = recovery_run.start_with_pg_ctl(
+            p["pg_bindir"], p["data_dir"], p["log_file"], p["pg_ctl_options"]
+        )
+    return {"log_offset": offset, "cmd": cmd, "started": time.time()}
+
+
 def main() -> None:
     argument_spec = connection_argument_spec()
     argument_spec.update(ARGUMENT_SPEC)
@@ -368,15 +393,12 @@ def main() -> None:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)
     p = module.params
     try:
-        if p["step"] == "start":
-            offset = recovery_run.log_size(p["log_file"])
-            recovery_run.record_state(p["data_dir"], p["state"], "recovering")
-            cmd: list[str] = []
-            if p["service_manager"] == "pg_ctl":
-                cmd = recovery_run.start_with_pg_ctl(
-                    p["pg_bindir"], p["data_dir"], p["log_file"], p["pg_ctl_options"]
-                )
-            module.exit_json(changed=True, log_offset=offset, cmd=cmd, started=time.time())
+        started: dict[str, t.Any] = {}
+        if p["step"] == "start" or p["start"]:
+            started = start(p)
+            if p["step"] == "start":
+                module.exit_json(changed=True, **started)
+            p = {**p, "log_offset": started["log_offset"]}
         since = p["following_since"] or time.time()
         # monotonic start of this follow, shifted back by the time already spent following
         begun = time.monotonic() - max(0.0, time.time() - since)
@@ -386,18 +408,20 @@ def main() -> None:
         timed_out = time.time() - since >= p["timeout"]
         if r["phase"] in ("starting", "recovering") and not timed_out:
             module.exit_json(
-                changed=False,
+                changed=bool(started),
+                **started,
                 done=False,
                 phase=r["phase"],
                 progress=r["progress"],
                 samples=samples,
                 recovery=r,
             )
-        outcome = finish(module, r)
+        outcome = finish(module, p, r)
     except PitrError as exc:
         module.fail_json(**exc.to_result())
     module.exit_json(
         changed=True,
+        **started,
         done=True,
         phase=r["phase"],
         progress=r["progress"],

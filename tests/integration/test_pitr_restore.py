@@ -536,6 +536,11 @@ def test_unreachable_targets_are_refused_before_anything_changes(source: Source)
             "two-targets": source.clone_vars(
                 "refused-two", pitr_restore_target_xid="1000", pitr_restore_target="latest"
             ),
+            "no-pitr-wal": source.clone_vars(
+                "refused-no-pitr-wal",
+                pitr_install_prefix=str(source.base / "not-installed"),
+                pitr_restore_target_time=utc_text(source.marker(9).commit_time),
+            ),
         }
     )
     for run in runs.values():
@@ -559,6 +564,9 @@ def test_unreachable_targets_are_refused_before_anything_changes(source: Source)
     assert "2026-11-25 10:30:00+00" in runs["naive-time"].failure["msg"]
     assert "abbreviation" in runs["abbreviation"].failure["msg"]
     assert "exactly one recovery target" in runs["two-targets"].failure["msg"]
+    no_pitr_wal = runs["no-pitr-wal"].failure["msg"]
+    assert f"{source.base / 'not-installed'}/bin/pitr-wal is missing" in no_pitr_wal
+    assert "playbooks/install_host_command.yml" in no_pitr_wal
     # The running source was not touched; no clone directory was made.
     assert (cluster.datadir / "postmaster.pid").read_text() == pid_file
     assert beside(cluster.datadir) == []
