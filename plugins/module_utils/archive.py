@@ -233,8 +233,11 @@ def _compare_existing(
     )
 
 
-def fetch(repo: Repository, name: str, dest_path: str) -> FetchResult:
+def fetch(repo: Repository, name: str, dest_path: str, *, dir_fd: int | None = None) -> FetchResult:
     """Write the verified archived file ``name`` to ``dest_path`` (complete or not at all).
+
+    With ``dir_fd``, ``dest_path`` (and its temp file) are relative to that directory
+    descriptor (the prefetcher's spool, which may be moved away while it works).
 
     Raises WalNotArchivedError only when the file is truly absent; any other failure is a
     PitrError that must not be mistaken for the end of the archive.
@@ -264,23 +267,23 @@ def fetch(repo: Repository, name: str, dest_path: str) -> FetchResult:
         )
     tmp = f"{dest_path}.pitr-tmp.{os.getpid()}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=dir_fd)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
-        os.replace(tmp, dest_path)
+        os.replace(tmp, dest_path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
         try:  # noqa: SIM105 - contextlib costs every start-up ~2 ms of imports
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise PitrError(f"cannot write {dest_path}: {exc.strerror}", wal=name) from exc
     except BaseException:  # a timeout alarm: leave nothing behind either
         try:  # noqa: SIM105
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise
