@@ -415,7 +415,12 @@ class Prefetcher:
         """Fetch the missing segments of the window after ``want``, stopping at an absent one."""
         names = window(want, self.ahead, self.marker.segment_size)
         self.tidy(set(names))
-        todo = [n for n in names if n not in self.failed and not _exists(self.dir_fd, n)]
+        todo = []
+        for n in names:
+            if self.repo.wal_stat(n) is None:
+                break  # not archived (yet): nothing past it this round
+            if n not in self.failed and not _exists(self.dir_fd, n):
+                todo.append(n)
         if not todo:
             return
         state = {"next": 0, "end": len(todo)}
@@ -498,8 +503,8 @@ def run(
     p = Prefetcher(dir_fd, Repository.open_posix(repo_root), ahead, marker, threads)
     try:
         why = p.loop(idle_seconds)
-    except OSError as exc:
-        why = f"the spool is unusable: {exc}"
+    except Exception as exc:  # a repository that fails: the foreground fetches directly
+        why = f"{type(exc).__name__}: {getattr(exc, 'msg', exc)}"
     log(f"prefetch: stopped ({why})")
     return 0
 

@@ -102,6 +102,12 @@ PARSED = [
     ),
     (["version"], dict(action="version", repo="")),
     (["--repo", "/r", "push", "/data=x/pg_wal/p"], dict(args=["/data=x/pg_wal/p"])),
+    (["--repo", "/r", "fetch", "a", "b"], dict(prefetch=0, spool="")),
+    (
+        ["--repo", "/r", "--prefetch", "8", "--spool=/s p", "fetch", "a", "b"],
+        dict(prefetch=8, spool="/s p", args=["a", "b"]),
+    ),
+    (["--repo", "/r", "fetch", "a", "b", "--prefetch=64"], dict(prefetch=64)),
 ]
 
 
@@ -129,6 +135,10 @@ BAD_ARGS = [
     (["--repo", "/r", "--retries", "0", "fetch", "a", "b"], "--retries >= 1"),
     (["--repo", "/r", "--retry-delay", "-0.5", "fetch", "a", "b"], "must be >= 0"),
     (["--repo", "/r", "--verbose", "push", "x"], "unknown option --verbose"),
+    (["--repo", "/r", "--prefetch", "-1", "fetch", "a", "b"], "--prefetch must be between 0"),
+    (["--repo", "/r", "--prefetch", "65", "fetch", "a", "b"], "--prefetch must be between 0"),
+    (["--repo", "/r", "--prefetch", "many", "fetch", "a", "b"], "--prefetch: 'many' is not"),
+    (["--repo", "/r", "--spool", "fetch", "a", "b"], "unknown action 'a'"),
     (["--repo", "/r", "--help"], ""),
     (["-h"], ""),
 ]
@@ -240,6 +250,45 @@ def test_command_for_plain_paths_is_readable() -> None:
     assert hostcmd.restore_command_for(program="/opt/p/pitr-wal", repo="/srv/pitr", timeout=60) == (
         "/usr/bin/python3 -I -S /opt/p/pitr-wal --repo /srv/pitr --timeout 60 fetch %f %p"
     )
+
+
+def test_command_for_prefetch() -> None:
+    base = "/usr/bin/python3 -I -S /opt/p/pitr-wal --repo /srv/pitr"
+    fetch = hostcmd.restore_command_for(program="/opt/p/pitr-wal", repo="/srv/pitr", prefetch=4)
+    assert fetch == f"{base} --prefetch 4 fetch %f %p"
+    both = hostcmd.restore_command_for(
+        program="/opt/p/pitr-wal", repo="/srv/pitr", timeout=60, prefetch=8
+    )
+    assert both == f"{base} --timeout 60 --prefetch 8 fetch %f %p"
+    for off in (None, 0):  # off: today's command, exactly
+        assert hostcmd.restore_command_for(
+            program="/opt/p/pitr-wal", repo="/srv/pitr", prefetch=off
+        ) == (f"{base} fetch %f %p")
+    # push has nothing to prefetch
+    push = hostcmd.archive_command_for(program="/opt/p/pitr-wal", repo="/srv/pitr", prefetch=4)
+    assert push == f"{base} push %p"
+    with pytest.raises(ValueError, match="prefetch must be between 0"):
+        hostcmd.restore_command_for(program="/opt/p/pitr-wal", repo="/srv/pitr", prefetch=65)
+
+
+def test_restore_command_with_prefetch_survives_postgresql_and_the_shell(
+    weird_program: str, tmp_path: Path
+) -> None:
+    command = hostcmd.restore_command_for(program=weird_program, repo="/r 100%", prefetch=3)
+    expanded = pg15_expand(command, "pg_wal/RECOVERYXLOG", "000000010000000000000002")
+    argv = json.loads(
+        subprocess.run(["/bin/sh", "-c", expanded], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    assert argv[-6:] == [
+        "/r 100%",
+        "--prefetch",
+        "3",
+        "fetch",
+        "000000010000000000000002",
+        "pg_wal/RECOVERYXLOG",
+    ]
 
 
 def test_command_for_uses_the_given_interpreter() -> None:
