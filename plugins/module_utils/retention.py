@@ -16,6 +16,12 @@ Policy (``RetentionPolicy``), for base backups:
   timeline (counts the newest ones first).
 - pinned backups (``Repository.pin_key``) are never removed; a backup being taken
   (``running``) neither.
+- a backup named by an active restore lease (``restore_lease``: a restore in progress reads
+  it) is kept like a pinned one, and so is the WAL it needs (it counts as kept for the WAL
+  rules below; a lease's first segment on its timeline, and the segments after it, are kept
+  too). Expired leases protect nothing; a prune (not check mode) removes them. A lease record
+  that cannot be read keeps every base backup (it might name any of them), with a warning
+  naming the file; fix or remove that file to prune backups again.
 - a backup that is not usable (failed, or not verified) goes once a newer usable backup is
   kept; an ``expiring`` one (an interrupted prune) goes in any case.
 
@@ -42,6 +48,11 @@ Removing (``apply_plan``), under the repository locks of base backups and dumps:
    remains of each timeline is a continuous suffix;
 3. each backup's files go, then its record; dumps through ``dumps.remove_dump``.
 
+Between 1 and 2 the leases are read again: a restore that took a lease on a backup to remove
+while the prune was planning makes the prune put the records back as they were and stop,
+before anything is removed (``restore_lease.take`` checks the other side: a backup already
+marked ``expiring`` is refused).
+
 An interrupted prune therefore leaves every kept backup restorable, and a re-run removes the
 ``expiring`` leftovers. The plan lists file names, never "everything below X", so WAL
 archived while the prune runs is never touched.
@@ -59,7 +70,12 @@ import typing as t
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from ansible_collections.pitr.postgresql.plugins.module_utils import catalog, continuity, dumps
+from ansible_collections.pitr.postgresql.plugins.module_utils import (
+    catalog,
+    continuity,
+    dumps,
+    restore_lease,
+)
 from ansible_collections.pitr.postgresql.plugins.module_utils.backup import (
     LOCK_NAME as BACKUP_LOCK,
 )
@@ -77,6 +93,10 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.repository import 
     DUMP_PREFIX,
     Repository,
     RepositoryIdentity,
+)
+from ansible_collections.pitr.postgresql.plugins.module_utils.restore_lease import (
+    Lease,
+    Unreadable,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.storage import ObjectInfo
 from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import (
@@ -101,6 +121,8 @@ PinChanges = t.Mapping[str, t.Mapping[str, t.Sequence[str]]]
 
 # Why something is kept, or removed.
 KEEP_PINNED = "pinned"
+KEEP_LEASED = "leased"  # in use by a restore (an active restore lease names it)
+KEEP_LEASE_UNREADABLE = "lease_unreadable"  # a restore lease cannot be read: keep everything
 KEEP_RUNNING = "running"
 KEEP_REDUNDANCY = "redundancy"
 KEEP_WINDOW = "window"
@@ -222,9 +244,14 @@ class RepositoryState:
     dump_bytes: dict[str, int] = field(default_factory=dict)
     pins: dict[str, set[str]] = field(default_factory=dict)
     segment_size: int = DEFAULT_SEGMENT_SIZE
+    leases: list[Lease] = field(default_factory=list)  # expired ones too
+    unreadable_leases: list[Unreadable] = field(default_factory=list)
 
     def pinned(self, kind: str) -> set[str]:
         return self.pins.get(kind, set())
+
+    def active_leases(self, now: dt.datetime) -> list[Lease]:
+        return [lease for lease in self.leases if lease.is_active(now)]
 
 
 @dataclass(frozen=True)
@@ -242,6 +269,7 @@ class Decision:
     timeline: int | None = None
     database: str | None = None
     record: t.Any = field(default=None, compare=False, repr=False)
+    leases: tuple[Lease, ...] = ()
 
     def to_dict(self) -> dict[str, t.Any]:
         d: dict[str, t.Any] = {
@@ -253,7 +281,11 @@ class Decision:
             "bytes": self.bytes,
         }
         if self.kind == "backup":
-            d.update(stop_time=self.time, timeline=self.timeline)
+            d.update(
+                stop_time=self.time,
+                timeline=self.timeline,
+                leases=[lease_summary(lease) for lease in self.leases],
+            )
         else:
             d.update(end_time=self.time, database=self.database)
         return d
@@ -275,6 +307,9 @@ class RetentionPlan:
     earliest_before: dict[str, t.Any] | None
     earliest_after: dict[str, t.Any] | None
     warnings: list[str] = field(default_factory=list)
+    leases: list[Lease] = field(default_factory=list)  # active at ``now``
+    leases_expired: list[Lease] = field(default_factory=list)
+    leases_unreadable: list[Unreadable] = field(default_factory=list)
 
     @property
     def backups_removed(self) -> list[Decision]:
@@ -314,7 +349,24 @@ class RetentionPlan:
             "bytes_freed": self.bytes_freed,
             "earliest_recoverable": self.earliest_after,
             "earliest_recoverable_before": self.earliest_before,
+            "leases": [lease_summary(lease) for lease in self.leases],
+            "leases_expired": [lease.lease_id for lease in self.leases_expired],
+            "leases_unreadable": [u._asdict() for u in self.leases_unreadable],
         }
+
+
+def lease_summary(lease: Lease) -> dict[str, t.Any]:
+    """What the plan output says about a restore lease."""
+    return {
+        "lease_id": lease.lease_id,
+        "backup": lease.backup_label,
+        "host": lease.host,
+        "data_dir": lease.data_dir,
+        "target": lease.target,
+        "timeline": lease.timeline,
+        "first_segment": lease.first_segment,
+        "expires": _iso(lease.expires),
+    }
 
 
 # Time ------------------------------------------------------------------------------------------
@@ -392,6 +444,7 @@ def _decide_backups(
     window_start: dt.datetime | None,
     paths: t.Mapping[int, t.Sequence[TimelineSpan]],
     warnings: list[str],
+    leases: t.Sequence[Lease] = (),
 ) -> list[Decision]:
     seg = state.segment_size
     records = _newest_first(state.backups, _backup_time)
@@ -407,9 +460,16 @@ def _decide_backups(
 
     kept = _Keeper()
     pinned = state.pinned(BACKUPS)
+    leased: dict[str, list[Lease]] = {}
+    for lease in leases:
+        leased.setdefault(lease.backup_label, []).append(lease)
     for r in records:
         if r.label in pinned:
             kept.keep(r.label, KEEP_PINNED)
+        if r.label in leased:
+            kept.keep(r.label, KEEP_LEASED)
+        if state.unreadable_leases:
+            kept.keep(r.label, KEEP_LEASE_UNREADABLE)
         if r.status == "running":
             kept.keep(r.label, KEEP_RUNNING)
     if not policy.has_backup_rule:
@@ -457,8 +517,9 @@ def _decide_backups(
             reasons = tuple(kept.reasons[r.label])
             if r.status == "expiring":
                 warnings.append(
-                    f"backup {r.label} is pinned but was being removed by an interrupted prune"
-                    " (status expiring): it is kept, but it is not usable"
+                    f"backup {r.label} is {' and '.join(kept.reasons[r.label])} but was being"
+                    " removed by an interrupted prune (status expiring): it is kept, but it is"
+                    " not usable"
                 )
         elif r.status == "expiring":
             reasons = (REMOVE_EXPIRING,)
@@ -478,6 +539,7 @@ def _decide_backups(
                 bytes=size,
                 timeline=int(r.timeline),
                 record=r,
+                leases=tuple(leased.get(r.label, ())),
             )
         )
     return decisions
@@ -577,16 +639,43 @@ def _backup_file_key(record: BackupRecord, segment_size: int) -> tuple[str, int]
     return (segment_for_lsn(tli, lsn, segment_size), lsn % segment_size)
 
 
+def _lease_floors(leases: t.Iterable[Lease], segment_size: int) -> dict[int, int]:
+    """Per timeline, the lowest first segment an active lease names (kept with what follows)."""
+    floors: dict[int, int] = {}
+    for lease in leases:
+        if not lease.first_segment:
+            continue
+        try:
+            w = WalFileName.parse(lease.first_segment)
+        except WalNameError:
+            continue
+        if w.kind != SEGMENT:
+            continue
+        n = w.segment_number(segment_size)
+        floors[w.timeline] = min(n, floors.get(w.timeline, n))
+    return floors
+
+
 def _plan_wal(
     state: RepositoryState,
     backups: t.Sequence[Decision],
     paths: t.Mapping[int, t.Sequence[TimelineSpan]],
     unknown: t.Mapping[int, str],
     warnings: list[str],
+    leases: t.Sequence[Lease] = (),
 ) -> tuple[list[tuple[WalFileName, ObjectInfo]], dict[int, str | None]]:
     """The WAL files to remove, and per timeline the first segment kept (None: all go)."""
     seg = state.segment_size
     removed = _wal_to_remove(state, backups, paths, unknown, warnings)
+    floors = _lease_floors(leases, seg)
+    if floors:
+        removed = [
+            (w, info)
+            for w, info in removed
+            if w.kind == BACKUP
+            or w.timeline not in floors
+            or w.segment_number(seg) < floors[w.timeline]
+        ]
     removed.sort(key=lambda x: sort_key(x[0].name))
     gone = {w.name for w, _info in removed}
     kept_from: dict[int, str | None] = {}
@@ -721,9 +810,16 @@ def plan_retention(
     )
     timelines = continuity.known_timelines(state.wal, state.histories, state.backups)
     paths, unknown = continuity.timeline_paths(timelines, state.histories)
-    backups = _decide_backups(state, policy, window_start, paths, warnings)
+    leases = state.active_leases(now)
+    for bad in state.unreadable_leases:
+        warnings.append(
+            f"restore lease {bad.path} cannot be read ({bad.why}): every base backup is kept."
+            " If no restore is running, remove that file; otherwise let the restore finish"
+            " and fix or remove it then"
+        )
+    backups = _decide_backups(state, policy, window_start, paths, warnings, leases)
     dump_decisions = _decide_dumps(state, policy, now)
-    removed, kept_from = _plan_wal(state, backups, paths, unknown, warnings)
+    removed, kept_from = _plan_wal(state, backups, paths, unknown, warnings, leases)
     if window_start is not None and not any(
         d.usable and d.keep and _backup_time(d.record) <= window_start for d in backups
     ):
@@ -744,6 +840,9 @@ def plan_retention(
         earliest_before=_earliest(backups),
         earliest_after=_earliest(d for d in backups if d.keep),
         warnings=warnings,
+        leases=leases,
+        leases_expired=[lease for lease in state.leases if not lease.is_active(now)],
+        leases_unreadable=list(state.unreadable_leases),
     )
 
 
@@ -761,6 +860,8 @@ def state_after(state: RepositoryState, plan: RetentionPlan) -> RepositoryState:
         dump_bytes={k: v for k, v in state.dump_bytes.items() if k not in gone_dumps},
         pins={k: set(v) for k, v in state.pins.items()},
         segment_size=state.segment_size,
+        leases=[lease for lease in state.leases if lease not in plan.leases_expired],
+        unreadable_leases=list(state.unreadable_leases),
     )
 
 
@@ -792,6 +893,7 @@ def read_state(repo: Repository) -> RepositoryState:
     """Read everything the planner needs (catalogs, WAL listing, history files, pins)."""
     identity = repo.identity()
     wal = repo.list_wal()
+    leases, unreadable = restore_lease.scan(repo)
     return RepositoryState(
         backups=catalog.list_backups(repo),
         wal=wal,
@@ -801,6 +903,8 @@ def read_state(repo: Repository) -> RepositoryState:
         dump_bytes=_sizes_by_label(repo, DUMP_PREFIX),
         pins=read_pins(repo),
         segment_size=identity.wal_segment_size if identity else DEFAULT_SEGMENT_SIZE,
+        leases=leases,
+        unreadable_leases=unreadable,
     )
 
 
@@ -895,20 +999,65 @@ def delete_backup(repo: Repository, label: str) -> None:
         delete_tree(prefix)
 
 
-def apply_plan(repo: Repository, plan: RetentionPlan) -> None:
-    """Remove what ``plan`` says, crash-safely (see the module docstring). Hold the locks."""
-    for d in plan.backups_removed:
-        if d.record.status != "expiring":
-            catalog.write_backup(repo, d.record.with_changes(status="expiring"))
-    for d in plan.dumps_removed:
-        if d.record.status != "expiring":
-            dumps.write_dump(repo, d.record.with_changes(status="expiring"))
+def apply_plan(repo: Repository, plan: RetentionPlan) -> list[str]:
+    """Remove what ``plan`` says, crash-safely (see the module docstring). Hold the locks.
+
+    Returns the ids of the expired restore leases removed. Raises RetentionError, with every
+    record as it was and nothing removed, when a restore took a lease on a backup to remove
+    while the plan was made.
+    """
+    marked_backups = [d for d in plan.backups_removed if d.record.status != "expiring"]
+    marked_dumps = [d for d in plan.dumps_removed if d.record.status != "expiring"]
+    for d in marked_backups:
+        catalog.write_backup(repo, d.record.with_changes(status="expiring"))
+    for d in marked_dumps:
+        dumps.write_dump(repo, d.record.with_changes(status="expiring"))
+    conflict = _lease_conflict(repo, plan) if plan.backups_removed or plan.wal_removed else None
+    if conflict:
+        for d in marked_backups:
+            catalog.write_backup(repo, d.record)
+        for d in marked_dumps:
+            dumps.write_dump(repo, d.record)
+        raise RetentionError(
+            f"{conflict} while this prune was being planned; nothing was removed: run the"
+            " prune again (it keeps what the restore reads)"
+        )
     for name in plan.wal_removed:
         repo.delete_wal(name)
     for d in plan.backups_removed:
         delete_backup(repo, d.label)
     for d in plan.dumps_removed:
         dumps.remove_dump(repo, d.label)
+    return restore_lease.remove_expired(repo, plan.leases_expired, plan.now)
+
+
+def _lease_conflict(repo: Repository, plan: RetentionPlan) -> str | None:
+    """What changed in the leases since ``plan`` was made that the plan did not allow for."""
+    leases, unreadable = restore_lease.scan(repo)
+    known = {u.key for u in plan.leases_unreadable}
+    for bad in unreadable:
+        if bad.key not in known:
+            return f"restore lease {bad.path} appeared and cannot be read ({bad.why})"
+    removed = {d.label for d in plan.backups_removed}
+    planned = {lease.lease_id for lease in plan.leases}
+    for lease in leases:
+        if not lease.is_active(plan.now) or lease.lease_id in planned:
+            continue
+        if lease.backup_label in removed:
+            return (
+                f"a restore on {lease.holder} took a lease on backup {lease.backup_label}"
+                f" (lease {lease.lease_id})"
+            )
+        first = lease.first_segment or ""
+        # Same timeline (first 8 hex digits); fixed-width hex names sort like their numbers.
+        if len(first) == 24 and any(
+            n[:8] == first[:8] and n[8:24] >= first[8:24] for n in plan.wal_removed
+        ):
+            return (
+                f"a restore on {lease.holder} took a lease on WAL from {first}"
+                f" (lease {lease.lease_id})"
+            )
+    return None
 
 
 # Entry points for the module and the host command ----------------------------------------------
@@ -977,6 +1126,7 @@ def run_retention(
         with_pins(state, changes)
         plan = plan_retention(state, policy, now)
         after = state_after(state, plan)
+        leases_removed = [lease.lease_id for lease in plan.leases_expired]
     else:
         with ExitStack() as stack:
             for name in (BACKUP_LOCK, dumps.LOCK_NAME):
@@ -990,7 +1140,7 @@ def run_retention(
             write_pins(repo, changes, now)
             with_pins(state, changes)
             plan = plan_retention(state, policy, now)
-            apply_plan(repo, plan)
+            leases_removed = apply_plan(repo, plan)
             after = read_state(repo)
     pins_changed = any(c["add"] or c["remove"] for c in changes.values())
     result = plan.to_dict()
@@ -1002,7 +1152,8 @@ def run_retention(
         "pinned": sorted({x for c in changes.values() for x in c["add"]}),
         "unpinned": sorted({x for c in changes.values() for x in c["remove"]}),
     }
-    result["changed"] = plan.removes_anything or pins_changed
+    result["leases_removed"] = leases_removed
+    result["changed"] = plan.removes_anything or pins_changed or bool(leases_removed)
     result["warnings"] = list(plan.warnings)
     result["msg"] = summary(plan, check_mode)
     return result
@@ -1027,6 +1178,15 @@ def summary(plan: RetentionPlan, check_mode: bool) -> str:
     if plan.dumps:
         parts.insert(1, f"{len(plan.dumps_removed)} logical dump(s)")
     text = f"retention {verb} {', '.join(parts)}, freeing {_human(plan.bytes_freed)}"
+    in_use = [d for d in plan.backups if KEEP_LEASED in d.reasons]
+    if in_use:
+        text += "; kept in use by a restore: " + ", ".join(
+            f"{d.label} ({', '.join(lease.holder for lease in d.leases)})" for d in in_use
+        )
+    if plan.leases_unreadable:
+        text += (
+            f"; every base backup kept: {len(plan.leases_unreadable)} unreadable restore lease(s)"
+        )
     earliest = plan.earliest_after
     if earliest:
         text += (

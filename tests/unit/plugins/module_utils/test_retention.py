@@ -22,6 +22,7 @@ from ansible_collections.pitr.postgresql.plugins.module_utils import (
     catalog,
     continuity,
     dumps,
+    restore_lease,
     retention,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.catalog import BackupRecord
@@ -40,7 +41,12 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.repository import 
     RepositoryIdentity,
     wal_key,
 )
+from ansible_collections.pitr.postgresql.plugins.module_utils.restore_lease import (
+    Lease,
+    Unreadable,
+)
 from ansible_collections.pitr.postgresql.plugins.module_utils.retention import (
+    KEEP_LEASED,
     RepositoryState,
     RetentionError,
     RetentionPolicy,
@@ -125,6 +131,8 @@ class Gen:
     backups: list[BackupRecord] = field(default_factory=list)
     pins: dict[str, set[str]] = field(default_factory=dict)
     dumps: list[t.Any] = field(default_factory=list)
+    leases: list[Lease] = field(default_factory=list)
+    unreadable_leases: list[Unreadable] = field(default_factory=list)
 
     def add(self, name: str, size: int = WAL_SIZE, when: dt.datetime = NOW) -> None:
         if any(w.name == name for w, _info in self.wal):
@@ -162,6 +170,20 @@ class Gen:
         self.pins.setdefault("backups", set()).add(label)
         return self
 
+    def lease(self, label: str, *, expired: bool = False, first: str | None = None) -> Gen:
+        """A restore lease on ``label`` (from its start segment), active at NOW or expired."""
+        rec = next((b for b in self.backups if b.label == label), None)
+        self.leases.append(
+            make_lease(
+                label,
+                first=first or (rec.start_wal if rec else None),
+                timeline=rec.timeline if rec else None,
+                n=len(self.leases),
+                expired=expired,
+            )
+        )
+        return self
+
     def state(self) -> RepositoryState:
         return RepositoryState(
             backups=list(self.backups),
@@ -172,7 +194,34 @@ class Gen:
             dump_bytes={d.label: int(d.size) for d in self.dumps},
             pins={k: set(v) for k, v in self.pins.items()},
             segment_size=SEG,
+            leases=list(self.leases),
+            unreadable_leases=list(self.unreadable_leases),
         )
+
+
+def make_lease(
+    label: str,
+    *,
+    first: str | None = None,
+    timeline: int | None = None,
+    n: int = 0,
+    expired: bool = False,
+    data_dir: str = "/srv/drill",
+) -> Lease:
+    taken = ago(days=2) if expired else ago(hours=1)
+    return Lease(
+        lease_id=f"db1-{n}",
+        backup_label=label,
+        host="db1",
+        data_dir=data_dir,
+        target="latest",
+        first_segment=first,
+        timeline=timeline,
+        created=taken,
+        renewed=taken,
+        expires=taken + dt.timedelta(days=1),
+        ttl_seconds=DAY,
+    )
 
 
 def plan(gen: Gen, **policy: t.Any) -> retention.RetentionPlan:
@@ -695,6 +744,184 @@ def test_pins_are_stored_beside_the_backup_and_honoured() -> None:
         run(repo, check=True, redundancy=1, pin=["nope"])
 
 
+# Restore leases --------------------------------------------------------------------------------
+
+
+def test_an_active_lease_keeps_its_backup_and_the_wal_it_needs_an_expired_one_does_not() -> None:
+    p = plan(one_timeline().lease("b1"), redundancy=1)
+    assert kept(p) == ["b4", "b1"]
+    assert reasons(p)["b1"] == ["leased"]
+    assert p.wal_kept_from == {1: seg(1, 2)}
+    # b1 reads from segment 2 on: only segment 1 goes, and the .backup files of b2 and b3.
+    assert [n for n in p.wal_removed if not n.endswith(".backup")] == [seg(1, 1)]
+    assert backup_file_name(one_timeline().backups[0]) not in p.wal_removed
+    leased = next(d for d in p.backups if d.label == "b1").to_dict()
+    assert leased["leases"] == [
+        {
+            "lease_id": "db1-0",
+            "backup": "b1",
+            "host": "db1",
+            "data_dir": "/srv/drill",
+            "target": "latest",
+            "timeline": 1,
+            "first_segment": seg(1, 2),
+            "expires": iso(ago(hours=1) + dt.timedelta(days=1)),
+        }
+    ]
+    assert [x["lease_id"] for x in p.to_dict()["leases"]] == ["db1-0"]
+    # The same lease, expired: it protects nothing.
+    expired = plan(one_timeline().lease("b1", expired=True), redundancy=1)
+    assert kept(expired) == ["b4"]
+    assert expired.wal_kept_from == {1: seg(1, 22)}
+    assert expired.to_dict()["leases"] == [] and expired.to_dict()["leases_expired"] == ["db1-0"]
+
+
+def test_a_lease_on_a_backup_between_kept_ones_and_its_first_segment_are_kept() -> None:
+    p = plan(one_timeline().lease("b2"), redundancy=1)
+    assert kept(p) == ["b4", "b2"]
+    assert p.wal_kept_from == {1: seg(1, 8)}
+    # A lease whose backup is not in the catalog still keeps WAL from its first segment.
+    g = one_timeline().lease("gone", first=seg(1, 12))
+    p = plan(g, redundancy=1)
+    assert kept(p) == ["b4"]
+    assert p.wal_kept_from == {1: seg(1, 12)}
+    assert seg(1, 11) in p.wal_removed and seg(1, 12) not in p.wal_removed
+
+
+def test_a_lease_on_the_abandoned_timeline_keeps_its_branch() -> None:
+    p = plan(promoted().lease("b1"), redundancy=2)
+    assert kept(p) == ["b4", "b3", "b1"]
+    removed = set(p.wal_removed)
+    # b1 (timeline 1, start 2) reaches timeline 2 through the switch in segment 9.
+    assert not removed & {seg(1, n) for n in range(2, 9)}
+    assert seg(1, 1) in removed
+    assert not removed & {seg(2, n) for n in range(9, 25)}
+
+
+def test_an_unreadable_lease_keeps_every_backup_and_names_its_file() -> None:
+    g = one_timeline()
+    g.unreadable_leases.append(
+        Unreadable("leases/restore/x.json", "/repo/leases/restore/x.json", "not JSON")
+    )
+    p = plan(g, redundancy=1)
+    assert kept(p) == ["b4", "b3", "b2", "b1"]
+    assert set(reasons(p)["b1"]) == {"lease_unreadable"}
+    assert any(
+        "/repo/leases/restore/x.json cannot be read (not JSON)" in w and "remove that file" in w
+        for w in p.warnings
+    )
+    # Only what no backup needs goes: the segment before the oldest backup's start.
+    assert p.wal_removed == [seg(1, 1)]
+    assert p.to_dict()["leases_unreadable"] == [
+        {"key": "leases/restore/x.json", "path": "/repo/leases/restore/x.json", "why": "not JSON"}
+    ]
+
+
+def take_lease(repo: Repository, label: str, *, now: dt.datetime = NOW, ttl: float = DAY) -> Lease:
+    rec = catalog.read_backup(repo, label)
+    assert rec is not None
+    taken = restore_lease.take(
+        repo,
+        backup_label=label,
+        data_dir=f"/srv/restore-{label}",
+        target="latest",
+        first_segment=rec.start_wal,
+        timeline=int(rec.timeline),
+        ttl_seconds=ttl,
+        host="drill1",
+        now=now,
+    )
+    assert taken.lease is not None, taken.reason
+    return taken.lease
+
+
+def test_prune_keeps_a_leased_backup_removes_expired_leases_and_after_drop_the_backup() -> None:
+    repo, storage = memory_repo(one_timeline())
+    lease = take_lease(repo, "b1")
+    old = take_lease(repo, "b2", now=NOW - dt.timedelta(days=2))  # expired a day ago
+    before = dict(storage.objects)
+    preview = run(repo, check=True, redundancy=1)
+    assert storage.objects == before  # check mode removes no lease either
+    assert preview["backups_kept"] == ["b4", "b1"]
+    assert preview["backups_removed"] == ["b3", "b2"]
+    assert {b["label"]: b["reasons"] for b in preview["backups"]}["b1"] == ["leased"]
+    assert preview["leases_removed"] == [old.lease_id]
+    assert preview["wal_kept_from"] == {"1": seg(1, 2)}
+    assert "kept in use by a restore: b1 (drill1:/srv/restore-b1)" in preview["msg"]
+    done = run(repo, redundancy=1)
+    for key in ("backups_removed", "wal_removed", "leases_removed", "leases"):
+        assert done[key] == preview[key], key
+    assert [r.label for r in catalog.list_backups(repo)] == ["b4", "b1"]
+    assert seg(1, 2) in {w.name for w, _info in repo.list_wal()}
+    assert old.key not in storage.objects and lease.key in storage.objects
+    assert done["continuity"]["continuous"] is True
+    assert done["continuity"]["oldest_backup"] == "b1"
+    again = run(repo, redundancy=1)
+    assert again["changed"] is False and again["leases_removed"] == []
+    restore_lease.drop(repo, lease.lease_id)
+    after = run(repo, redundancy=1)
+    assert after["backups_removed"] == ["b1"] and after["leases"] == []
+    assert [r.label for r in catalog.list_backups(repo)] == ["b4"]
+    assert min(w.name for w, _info in repo.list_wal() if w.kind == "segment") == seg(1, 22)
+
+
+def test_an_unreadable_lease_file_stops_backup_removal_in_a_real_prune_too() -> None:
+    repo, storage = memory_repo(one_timeline())
+    storage.put("leases/restore/broken.json", b"{")
+    done = run(repo, redundancy=1)
+    assert done["backups_removed"] == []
+    assert len(catalog.list_backups(repo)) == 4
+    assert any(
+        "restore lease leases/restore/broken.json in memory://test cannot be read (Expecting" in w
+        for w in done["warnings"]
+    ), done["warnings"]
+    assert "leases/restore/broken.json" in storage.objects  # never removed by a prune
+    storage.delete("leases/restore/broken.json")
+    assert run(repo, redundancy=1)["backups_removed"] == ["b3", "b2", "b1"]
+
+
+def test_a_lease_taken_while_the_prune_plans_stops_it_before_anything_is_removed() -> None:
+    repo, storage = memory_repo(one_timeline())
+    before = dict(storage.objects)
+    taken: list[Lease] = []
+
+    def restore_starts(key: str, data: bytes) -> None:
+        # The first put of the prune marks b3 expiring; the restore of b1 takes its lease
+        # just before that, so the plan (made earlier) does not know it.
+        assert key == "backups/b3/backup.json", key
+        taken.append(take_lease(repo, "b1"))
+        storage.before_put = None
+
+    storage.before_put = restore_starts
+    with pytest.raises(RetentionError, match="drill1:/srv/restore-b1 took a lease on backup b1"):
+        run(repo, redundancy=1)
+    (lease,) = taken
+    left = {k: v for k, v in storage.objects.items() if k != lease.key}
+    assert left == before  # every record back as it was, nothing removed
+    again = run(repo, redundancy=1)
+    assert again["backups_removed"] == ["b3", "b2"]
+    assert [r.label for r in catalog.list_backups(repo)] == ["b4", "b1"]
+
+
+def test_a_restore_cannot_lease_a_backup_the_prune_already_marked() -> None:
+    repo, storage = memory_repo(one_timeline())
+    refused: list[str] = []
+    real_delete = storage.delete
+
+    def restore_starts(key: str) -> None:
+        # Deleting starts after every record was marked: too late for a lease on b1.
+        storage.delete = real_delete  # type: ignore[method-assign]
+        with pytest.raises(restore_lease.LeaseError, match="being removed") as exc:
+            take_lease(repo, "b1")
+        refused.append(str(exc.value))
+        real_delete(key)
+
+    storage.delete = restore_starts  # type: ignore[method-assign]
+    done = run(repo, redundancy=1)
+    assert refused and done["backups_removed"] == ["b3", "b2", "b1"]
+    assert not [k for k in storage.objects if k.startswith("leases/")]
+
+
 def fake_data_directory(path: Path, sysid: int) -> Path:
     """Just what ``cluster_identity_from_datadir`` reads: pg_control's first bytes, PG_VERSION."""
     (path / "global").mkdir(parents=True)
@@ -815,6 +1042,9 @@ def repositories(draw: st.DrawFn) -> tuple[Gen, RetentionPolicy]:
         g.backup(rec, with_file=draw(st.booleans()))
         if draw(st.integers(0, 6)) == 0:
             g.pin(rec.label)
+        lease = draw(st.integers(0, 9))
+        if lease < 2 and status == "ok":  # a restore reads it, or did (an expired lease)
+            g.lease(rec.label, expired=lease == 1)
     policy = RetentionPolicy(
         redundancy=draw(st.none() | st.integers(1, 3)),
         recovery_window=draw(st.none() | st.floats(0.1, 15).map(lambda d: d * DAY)),
@@ -871,10 +1101,12 @@ def test_no_planned_deletion_is_needed_by_a_kept_backup_or_the_window(
         if w.kind == BACKUP:
             owners = [b for b in g.backups if backup_file_name(b) == n]
             assert not owners or all(o.label not in kept_labels for o in owners)
-    # Pinned and running backups stay; expiring ones go unless pinned.
+    # Pinned, leased and running backups stay; expiring ones go unless pinned.
+    leased = {lease.backup_label for lease in g.leases if lease.is_active(NOW)}
     for b in g.backups:
-        if b.label in g.pins.get("backups", set()) or b.status == "running":
+        if b.label in g.pins.get("backups", set()) | leased or b.status == "running":
             assert b.label in kept_labels
+            assert (KEEP_LEASED in dict(reasons(p))[b.label]) == (b.label in leased)
         elif b.status == "expiring":
             assert b.label not in kept_labels
     good = sorted(
@@ -934,6 +1166,12 @@ def test_on_one_timeline_everything_before_the_oldest_kept_start_goes(
         for d in p.backups
         if d.keep and d.record.status == "ok"
     ]
+    if anchors:  # a lease names its backup's start segment: never below the oldest anchor
+        anchors += [
+            WalFileName.parse(lease.first_segment).segment_number(SEG)
+            for lease in g.leases
+            if lease.is_active(NOW) and lease.first_segment
+        ]
     if not anchors:
         assert p.wal_removed == []
         return
