@@ -182,16 +182,19 @@ def follow(
     until: t.Collection[str] = recovery.TERMINAL_PHASES,
     started: float | None = None,
     grace_seconds: float = 0.0,
+    grace_from: float | None = None,
     poll_seconds: float = POLL_SECONDS,
 ) -> tuple[dict[str, t.Any], list[dict[str, t.Any]]]:
     """Look until the phase is one of ``until`` or ``wait_seconds`` passed; facts and samples.
 
     ``grace_seconds``: right after a start the pid file may not exist yet, which looks like
     ``stopped``; that is not believed until this long after ``started`` (a server that cannot
-    start at all writes its reason to the log and is then ``failed`` at once).
+    start at all writes its reason to the log and is then ``failed`` at once). It counts from
+    ``grace_from`` (monotonic) when given: the moment the server was started.
     """
     begin = time.monotonic()
     started = begin if started is None else started
+    grace_start = started if grace_from is None else grace_from
     deadline = begin + max(0.0, wait_seconds)
     samples: list[dict[str, t.Any]] = []
     last_sample = -1.0
@@ -209,7 +212,7 @@ def follow(
             )
             last_sample = now
         settled = facts["phase"] in until and not (
-            facts["phase"] == "stopped" and now - started < grace_seconds
+            facts["phase"] == "stopped" and now - grace_start < grace_seconds
         )
         if settled or now >= deadline:
             facts["progress"] = progress_line(facts, p)

@@ -247,7 +247,7 @@ ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
     "archive_wait_seconds": {"type": "int", "default": 60},
 }
 # Right after a start the pid file may not be there yet: not "stopped" before this.
-START_GRACE_SECONDS = 3.0
+START_GRACE_SECONDS = 5.0
 
 
 def failure_message(p: t.Mapping[str, t.Any], r: t.Mapping[str, t.Any]) -> str:
@@ -403,7 +403,12 @@ def main() -> None:
         # monotonic start of this follow, shifted back by the time already spent following
         begun = time.monotonic() - max(0.0, time.time() - since)
         r, samples = recovery_run.follow(
-            p, p["wait_seconds"], started=begun, grace_seconds=START_GRACE_SECONDS
+            p,
+            p["wait_seconds"],
+            started=begun,
+            grace_seconds=START_GRACE_SECONDS,
+            # a start in this call: the grace counts from it, not from the role's clock
+            grace_from=time.monotonic() if started else None,
         )
         timed_out = time.time() - since >= p["timeout"]
         if r["phase"] in ("starting", "recovering") and not timed_out:
