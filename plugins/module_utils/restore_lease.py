@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -171,6 +172,11 @@ def _parse_time(text: str, name: str) -> dt.datetime:
     return moment
 
 
+def _check_ttl(ttl: float) -> None:
+    if not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
+        raise LeaseError(f"ttl_seconds must be a positive number of seconds (got {ttl})")
+
+
 def _now(now: dt.datetime | None) -> dt.datetime:
     return now or dt.datetime.now(dt.UTC)
 
@@ -274,8 +280,7 @@ def take(
     """
     from ansible_collections.pitr.postgresql.plugins.module_utils import catalog
 
-    if not ttl_seconds > 0:
-        raise LeaseError(f"ttl_seconds must be positive (got {ttl_seconds})")
+    _check_ttl(ttl_seconds)
     moment = _now(now)
     host = host or socket.gethostname()
     lease = Lease(
@@ -341,8 +346,7 @@ def renew(
             key=key,
         ) from None
     ttl = lease.ttl_seconds if ttl_seconds is None else float(ttl_seconds)
-    if not ttl > 0:
-        raise LeaseError(f"ttl_seconds must be positive (got {ttl})")
+    _check_ttl(ttl)
     moment = _now(now)
     renewed = replace(
         lease, renewed=moment, expires=moment + dt.timedelta(seconds=ttl), ttl_seconds=ttl

@@ -16,6 +16,18 @@ description:
     window, including the newest one that ended before it starts). A backup either rule keeps
     stays. O(min_backups) is never undercut; pinned backups (O(pin)) and backups being taken
     are never removed; backups that are not usable go once a newer usable backup is kept.
+  - A restore in progress protects what it reads with a restore lease, a record under
+    C(leases/restore/) in the repository naming the backup, the first WAL segment it needs,
+    the host, the data directory, the target and an expiry (24 hours by default, renewed
+    while the restore runs). A backup an active lease names is kept like a pinned one (reason
+    V(leased); RV(backups[].leases) says which host and data directory read it), and with it
+    the WAL it needs; the WAL from the lease's first segment on stays too. Expired leases
+    protect nothing and a prune removes them (RV(leases_removed); check mode lists them).
+  - A lease record that cannot be read keeps every base backup (it might name any of them);
+    the prune warns, naming the file, and removes only WAL no backup needs. Remove that file
+    once no restore is running (or fix it) to prune backups again.
+  - A restore that takes a lease on a backup while the prune plans makes the prune fail before
+    it removes anything (every record as it was); run it again.
   - After an in-place restore the newest backups may lie on the abandoned timeline. Both
     rules and O(min_backups) also count the backups from which the newest timeline can be
     reached, so that production always keeps its own.
@@ -189,9 +201,11 @@ backups:
       sample: true
     reasons:
       description:
-        - Why it stays (V(pinned), V(running), V(redundancy), V(window), V(window_base),
-          V(minimum), V(newest_unusable), V(no_policy)) or goes (V(expired), V(unusable),
-          V(expiring)).
+        - Why it stays (V(pinned), V(leased), V(lease_unreadable), V(running), V(redundancy),
+          V(window), V(window_base), V(minimum), V(newest_unusable), V(no_policy)) or goes
+          (V(expired), V(unusable), V(expiring)).
+        - V(leased) means a restore in progress reads it (see C(leases)); V(lease_unreadable)
+          that a restore lease cannot be read, so every backup stays.
       type: list
       elements: str
       returned: always
@@ -221,6 +235,12 @@ backups:
       type: int
       returned: always
       sample: 824055419
+    leases:
+      description: The active restore leases on this backup (as in RV(leases)).
+      type: list
+      elements: dict
+      returned: always
+      sample: []
 backups_kept:
   description: Labels of the base backups that stay, newest first.
   returned: always
@@ -303,6 +323,41 @@ continuity:
   type: dict
   sample: {"continuous": true, "gaps": [], "missing_history": [], "oldest_backup":
            "20261124T141500Z", "reason": ""}
+leases:
+  description:
+    - The active restore leases (not expired), oldest first. Each names the lease
+      (C(lease_id)), the C(backup) a restore reads, the C(host) and C(data_dir) it restores
+      into, its C(target), the C(timeline) and C(first_segment) it needs, and when it
+      C(expires).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - {"lease_id": "drill1-3f2a9c01de-20261125T141500123456Z-a1b2c3",
+       "backup": "20261110T141500Z", "host": drill1, "data_dir": /srv/drill/15,
+       "target": "time 2026-11-11 09:00:00+00", "timeline": 1,
+       "first_segment": "000000010000000000000012",
+       "expires": "2026-11-26T14:15:00+00:00"}
+leases_expired:
+  description: Ids of the expired restore leases found (they protect nothing).
+  returned: always
+  type: list
+  elements: str
+  sample: []
+leases_removed:
+  description: Ids of the expired restore leases removed (check mode, that would be removed).
+  returned: always
+  type: list
+  elements: str
+  sample: []
+leases_unreadable:
+  description:
+    - Restore lease records that cannot be read (C(key), C(path), C(why)). While there is one,
+      every base backup stays.
+  returned: always
+  type: list
+  elements: dict
+  sample: []
 pins:
   description: Pinned labels per kind (C(backups), C(dumps)) after the run.
   returned: always

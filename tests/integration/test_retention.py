@@ -11,7 +11,9 @@ exactly the markers it must hold:
     in-place restore (pitr_restore role) to just after marker 8 -> timeline 2
     markers 101-103, backup b3, markers 104-106                     (timeline 2)
 
-The tests run in order, each on what the one before left: the retention module by recovery
+The tests run in order, each on what the one before left: restore leases (on a copy of the
+repository: a lease on b1 keeps it and its WAL from a prune that removes it without; expired
+leases protect nothing and go); the retention module by recovery
 window (check mode, prune, re-run; a copy of the repository is kept as it left it); the
 retention role by count (check mode, prune); restores of the oldest backup each prune kept
 (b2 from the copy, b3), to its end and to the latest point, in one run; the pitr-prune
@@ -50,7 +52,10 @@ for _p in (collections_path(), str(ROOT)):
     if _p not in sys.path:
         sys.path.append(_p)
 
-from ansible_collections.pitr.postgresql.plugins.module_utils import catalog  # noqa: E402
+from ansible_collections.pitr.postgresql.plugins.module_utils import (  # noqa: E402
+    catalog,
+    restore_lease,
+)
 from ansible_collections.pitr.postgresql.plugins.module_utils.hostcmd import (  # noqa: E402
     archive_command_for,
 )
@@ -402,6 +407,94 @@ def window_between_b2_and_b3(world: World) -> str:
     middle = world.b2_stop + (world.b3_stop - world.b2_stop) / 2
     assert (world.b3_stop - world.b2_stop).total_seconds() >= B2_B3_MIN_GAP
     return f"{int((dt.datetime.now(dt.UTC) - middle).total_seconds())}s"
+
+
+def take_lease(
+    repo_path: Path, rec: catalog.BackupRecord, data_dir: str, **extra: t.Any
+) -> restore_lease.Lease:
+    """A restore lease on ``rec``, readable by the PostgreSQL user the prune runs as."""
+    taken = restore_lease.take(
+        Repository.open_posix(str(repo_path)),
+        backup_label=rec.label,
+        data_dir=data_dir,
+        target="latest",
+        first_segment=rec.start_wal,
+        timeline=int(rec.timeline),
+        **extra,
+    )
+    assert taken.lease is not None, taken.reason
+    for path in (
+        repo_path / "leases",
+        repo_path / "leases" / "restore",
+        repo_path / taken.lease.key,
+    ):
+        give_to_server_user(path)
+    return taken.lease
+
+
+def test_a_restore_lease_keeps_its_backup_and_wal_from_a_prune_until_dropped(
+    world: World,
+) -> None:
+    """On a copy of the repository: the window prune below removes b1 and the WAL before b2.
+    A lease on b1 keeps both; after the lease is dropped the prune removes them. Expired
+    leases protect nothing, and the real prune removes them."""
+    copy = world.base / "repo-lease"
+    subprocess.run(["cp", "-a", str(world.repo_path), str(copy)], check=True)
+    b1, b2 = world.backup("b1"), world.backup("b2")
+    names = {w.name for w, _info in Repository.open_posix(str(copy)).list_wal()}
+    b1_wal = {n for n in names if n.startswith("00000001") and not n.endswith(".backup")
+              and segno(b1.start_wal) <= segno(n) < segno(b2.start_wal)}  # fmt: skip
+    assert b1_wal and backup_file(b1) in names
+    drill = str(world.base / "clones" / "drill")
+    lease = take_lease(copy, b1, drill)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    stale = take_lease(copy, b1, "/srv/old-drill", now=long_ago)  # expired a day ago
+
+    def prune(check: bool = False) -> dict[str, t.Any]:
+        args = world.module_args(repository_path=str(copy))
+        args["recovery_window"] = window_between_b2_and_b3(world)
+        result = as_postgres_task("pitr.postgresql.retention", args, check)
+        assert not result.failed, result.result
+        return result.result
+
+    def wal_left() -> set[str]:
+        return {w.name for w, _info in Repository.open_posix(str(copy)).list_wal()}
+
+    before = files_below(copy)
+    preview = prune(check=True)
+    assert files_below(copy) == before  # the expired lease too stays in check mode
+    assert preview["backups_kept"] == ["b3", "b2", "b1"] and preview["backups_removed"] == []
+    decision = next(b for b in preview["backups"] if b["label"] == "b1")
+    assert decision["reasons"] == ["leased"]
+    assert [(x["lease_id"], x["data_dir"]) for x in decision["leases"]] == [(lease.lease_id, drill)]
+    assert preview["leases_removed"] == [stale.lease_id]
+    assert f"kept in use by a restore: b1 ({lease.host}:{drill})" in preview["msg"]
+    assert preview["wal_kept_from"]["1"] == b1.start_wal
+
+    done = prune()
+    assert done["backups_removed"] == [] and done["leases_removed"] == [stale.lease_id]
+    assert [r.label for r in catalog.list_backups(Repository.open_posix(str(copy)))] == [
+        "b3",
+        "b2",
+        "b1",
+    ]
+    left = wal_left()
+    assert b1_wal <= left and backup_file(b1) in left
+    assert (copy / lease.key).exists() and not (copy / stale.key).exists()
+    assert done["continuity"]["continuous"] is True
+    assert done["continuity"]["oldest_backup"] == "b1"
+
+    # The restore ends: its lease goes, and so do b1 and its WAL; a stale lease does not help.
+    restore_lease.drop(Repository.open_posix(str(copy)), lease.lease_id)
+    stale = take_lease(copy, b1, "/srv/old-drill", now=long_ago)
+    done = prune()
+    assert done["backups_removed"] == ["b1"] and done["leases_removed"] == [stale.lease_id]
+    assert done["leases"] == []
+    left = wal_left()
+    assert not b1_wal & left and backup_file(b1) not in left
+    assert not (copy / stale.key).exists()
+    assert done["continuity"]["continuous"] is True
+    shutil.rmtree(copy)
 
 
 def test_window_preview_prune_and_rerun(world: World) -> None:

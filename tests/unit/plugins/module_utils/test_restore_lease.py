@@ -226,8 +226,10 @@ def test_lease_ids_that_are_not_safe_names_are_refused(lease_id: str) -> None:
 
 def test_a_ttl_must_be_positive() -> None:
     repo, _storage = repo_with(backup("b1"))
-    with pytest.raises(LeaseError, match="ttl_seconds must be positive"):
-        take(repo, ttl_seconds=0)
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(LeaseError, match="ttl_seconds must be a positive number"):
+            take(repo, ttl_seconds=bad)
     lease = take(repo)
-    with pytest.raises(LeaseError, match="ttl_seconds must be positive"):
+    with pytest.raises(LeaseError, match="ttl_seconds must be a positive number"):
         restore_lease.renew(repo, lease.lease_id, ttl_seconds=-1)
+    assert [x.lease_id for x in restore_lease.active(repo, NOW)] == [lease.lease_id]
