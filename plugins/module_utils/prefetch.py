@@ -402,14 +402,14 @@ class Prefetcher:
         return text if is_segment(text) else ""
 
     def tidy(self, keep: set[str]) -> None:
-        """Remove what is not in the wanted window: older segments, other timelines, leftovers."""
-        pid_mark = f"{TMP_MARK}{os.getpid()}"
+        """Remove segments outside the wanted window (older ones, other timelines) and the temp
+        files of a prefetcher that died; never the foreground's small files (want, its temp)."""
+        ours = f"{TMP_MARK}{os.getpid()}"
         for fn in os.listdir(self.dir_fd):
-            if fn in (REPOSITORY_FILE, WANT_FILE, LOCK_FILE, STOP_FILE) or fn in keep:
+            if fn in keep or fn.endswith(ours) or not is_segment(fn[:24]):
                 continue
-            if fn.endswith(pid_mark):
-                continue  # ours, in progress
-            _unlink(self.dir_fd, fn)
+            if len(fn) == 24 or fn[24:].startswith(TMP_MARK):
+                _unlink(self.dir_fd, fn)
 
     def round(self, want: str) -> None:
         """Fetch the missing segments of the window after ``want``, stopping at an absent one."""
@@ -417,10 +417,11 @@ class Prefetcher:
         self.tidy(set(names))
         todo = []
         for n in names:
+            if n in self.failed or _exists(self.dir_fd, n):
+                continue
             if self.repo.wal_stat(n) is None:
                 break  # not archived (yet): nothing past it this round
-            if n not in self.failed and not _exists(self.dir_fd, n):
-                todo.append(n)
+            todo.append(n)
         if not todo:
             return
         state = {"next": 0, "end": len(todo)}
@@ -438,7 +439,7 @@ class Prefetcher:
                     with self.mutex:
                         state["end"] = min(state["end"], i)
 
-        pool = [self._threading.Thread(target=work, daemon=True) for _ in range(self.threads)]
+        pool = [self._threading.Thread(target=work, daemon=True) for _unused in range(self.threads)]
         for th in pool:
             th.start()
         for th in pool:

@@ -565,3 +565,13 @@ def test_fetch_keeps_its_exit_code_when_the_spool_breaks(
     err = capfd.readouterr().err
     assert "the prefetch spool is unusable (KeyError" in err
     assert "cannot start the prefetch (KeyError" in err
+
+
+def test_prefetcher_leaves_the_foregrounds_files_alone(repo: Path, spool_dir: Path) -> None:
+    Spool.open(str(spool_dir), str(repo)).close()  # type: ignore[union-attr]
+    (spool_dir / "want").write_text(name(2) + "\n")
+    foreground = ["want.pitr-tmp.4242", "repository.pitr-tmp.4242", "stop.pitr-tmp.4242"]
+    for fn in foreground:
+        (spool_dir / fn).write_text("x")
+    run_prefetcher(spool_dir, repo, ahead=2, idle=0.2)
+    assert set(foreground) <= set(os.listdir(spool_dir))
