@@ -15,6 +15,10 @@ Exit codes follow PostgreSQL's contract:
   archived (the normal end of WAL); any other error, after bounded retries, exits 255 (above
   125) so that recovery stops instead of ending early and promoting.
 
+With ``fetch --prefetch N`` (opt-in) a detached background process keeps the next N segments
+fetched and verified in a spool directory (prefetch.py): the next fetch is a rename. Exit codes
+are unchanged; "not archived" always comes from the foreground's own look at the repository.
+
 It runs once per WAL segment: standard library only, no argparse, one log line per action
 on stderr. It never imports Ansible.
 """
