@@ -359,6 +359,12 @@ def spawn(dir_fd: int, lock_fd: int, repo_root: str, ahead: int, marker: Marker)
             os.dup2(null, 0)
             os.dup2(null, 1)
             os.close(null)
+            # Only the spool's descriptors: nothing else the server let restore_command inherit.
+            low = 3
+            for fd in sorted((dir_fd, lock_fd)):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, 1 << 20)
             os.chdir("/")
             code = run(dir_fd, lock_fd, repo_root, ahead, marker)
     except BaseException as exc:
