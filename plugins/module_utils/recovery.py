@@ -753,8 +753,25 @@ def _passes(moment: datetime, target: RecoveryTarget) -> bool:
     return moment > wanted if target.inclusive else moment >= wanted
 
 
+def _archived_after(
+    scan: WalScan, wal: t.Sequence[tuple[WalFileName, t.Any]], target: RecoveryTarget
+) -> int | None:
+    """The first segment of the run archived (file time) after the target time: a segment
+    is archived after its last commit, so the stop is most likely there (a hint only)."""
+    wanted = _given(target.time, "time").timestamp()
+    mtimes = {w.name: float(getattr(info, "mtime", 0.0) or 0.0) for w, info in wal}
+    for i, name in enumerate(scan.names):
+        if mtimes.get(name, 0.0) >= wanted:
+            return scan.start_segno + i
+    return None
+
+
 def find_time_stop(
-    target: RecoveryTarget, scan: WalScan, consistent_segno: int, inspector: WalInspector
+    target: RecoveryTarget,
+    scan: WalScan,
+    consistent_segno: int,
+    inspector: WalInspector,
+    hint: int | None = None,
 ) -> tuple[int | None, datetime | None]:
     """The segment where replay stops for a time target, and the run's last commit time.
 
@@ -762,6 +779,11 @@ def find_time_stop(
     run holds none, recovery would end before the target. Binary search over the run keeps
     the pg_waldump calls logarithmic; the answer is an upper bound that is always safe: a
     commit beyond the target exists at or before the segment returned.
+
+    ``hint``: the segment most likely to hold the stop (the first one archived after the
+    target, by the repository's file times). It only orders the look-ups: the hinted segment
+    and its neighbour are read first, and when they bracket the stop the search ends there
+    (two pg_waldump calls instead of log2 of the run); a wrong hint costs two calls more.
     """
     lo, hi = consistent_segno, scan.last_segno
     if hi < lo:
@@ -770,6 +792,21 @@ def find_time_stop(
     newest = finder.last_commit_upto(hi)
     if newest is None or not _passes(newest, target):
         return None, newest
+
+    def passes_at(segno: int) -> bool:
+        found = finder.last_commit_upto(segno)
+        return found is not None and _passes(found, target)
+
+    if hint is not None and lo <= hint <= hi:
+        if passes_at(hint):
+            if hint == lo or not passes_at(hint - 1):
+                return hint, newest
+            hi = hint - 1
+        else:
+            lo = hint + 1
+            if passes_at(lo):
+                return lo, newest
+            lo += 1
     while lo < hi:
         mid = (lo + hi) // 2
         found = finder.last_commit_upto(mid)
@@ -1105,7 +1142,9 @@ def plan_recovery(
     if target.kind == "time":
         if inspector is None:
             raise RecoveryPlanError("a time target needs the WAL inspector (pg_waldump)")
-        stop_segno_t, newest = find_time_stop(target, scan, stop_segno, inspector)
+        stop_segno_t, newest = find_time_stop(
+            target, scan, stop_segno, inspector, _archived_after(scan, wal, target)
+        )
         if newest is not None and scan.last_segno == scan.archive_last_segno:
             per_timeline = timelines_window(backups, wal, segment_size, {path[-1].tli: newest})
         window = _window_summary(path, oldest_on_path, scan, newest, segment_size, per_timeline)

@@ -298,6 +298,11 @@ def take(
     )
     try:
         repo.storage.put(lease.key, lease.to_json(), overwrite=False)
+        try:
+            _hand_over(repo, lease.key)
+        except StorageError:
+            drop(repo, lease.lease_id)  # a lease the prune cannot read must not stay behind
+            raise
     except StorageError as exc:
         return TakeResult(
             None,
@@ -322,6 +327,36 @@ def take(
             backup=backup_label,
         )
     return TakeResult(lease)
+
+
+def _hand_over(repo: Repository, key: str) -> None:
+    """Written by root (the restore's staging runs as root): give the lease and the directories
+    above it to the repository's owner, as everything else in it belongs to, so that the
+    restore's later steps (as the server's user) and a prune (as the same user) can renew,
+    drop and remove it."""
+    path_of = getattr(repo.storage, "path", None)
+    root = getattr(repo.storage, "root", None)
+    if os.geteuid() != 0 or path_of is None or root is None:
+        return
+    try:
+        owner = os.stat(root)
+        parts = key.split("/")
+        for depth in range(1, len(parts) + 1):
+            path = path_of("/".join(parts[:depth]))
+            if os.lstat(path).st_uid == 0 and owner.st_uid != 0:
+                os.lchown(path, owner.st_uid, owner.st_gid)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot give {path_of(key)} to the repository's owner: {exc.strerror}", key=key
+        ) from exc
+
+
+def get(repo: Repository, lease_id: str) -> Lease | None:
+    """The lease ``lease_id``, or None when it is gone; LeaseError when unreadable."""
+    try:
+        return _read(repo, lease_key(lease_id))
+    except ObjectNotFoundError:
+        return None
 
 
 def renew(

@@ -124,6 +124,13 @@ options:
         reads the repository.
     type: path
     default: /usr/local/lib/pitr-postgresql/bin/pitr-wal
+  wal_prefetch:
+    description:
+      - WAL segments the C(restore_command) fetches ahead, in parallel, into
+        C(pg_wal/pitr-prefetch) of the restored data directory (C(pitr-wal fetch --prefetch N)),
+        while the server replays the one before. V(0) fetches one segment at a time.
+    type: int
+    default: 0
   python:
     description:
       - Absolute path of the interpreter that runs C(pitr-wal).
@@ -354,7 +361,10 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.pitr.postgresql.plugins.module_utils import recovery
 from ansible_collections.pitr.postgresql.plugins.module_utils.catalog import list_backups
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
-from ansible_collections.pitr.postgresql.plugins.module_utils.hostcmd import restore_command_for
+from ansible_collections.pitr.postgresql.plugins.module_utils.hostcmd import (
+    MAX_PREFETCH,
+    restore_command_for,
+)
 from ansible_collections.pitr.postgresql.plugins.module_utils.repository import (
     Repository,
     RepositoryIdentity,
@@ -403,6 +413,25 @@ def check_pitr_wal(pitr_wal: str) -> None:
         )
 
 
+def check_prefetch(pitr_wal: str, python: str, prefetch: int) -> None:
+    """An older pitr-wal refuses ``--prefetch`` (exit 255 for every fetch): refuse first."""
+    from ansible_collections.pitr.postgresql.plugins.module_utils import runner
+
+    if not prefetch:
+        return
+    argv = [python, "-I", "-S", pitr_wal, "--repo", "/", "--prefetch", "1", "version"]
+    result = runner.run(argv, check=False, cwd="/", timeout=60)
+    if result.rc != 0:
+        raise PitrError(
+            f"{pitr_wal} does not know --prefetch ({result.stderr.strip().splitlines()[:1]}):"
+            " it is older than this collection. Update it with the playbook"
+            " pitr.postgresql.install_host_command (playbooks/install_host_command.yml) or the"
+            " archiving role, or restore without it (pitr_restore_wal_prefetch=0)",
+            cmd=result.cmd,
+            rc=result.rc,
+        )
+
+
 def check_backup_files(backup: t.Mapping[str, t.Any]) -> None:
     layout = backup["layout"]
     if layout["format"] == "tar":
@@ -434,6 +463,7 @@ ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
     "clone_port": {"type": "int"},
     "force": {"type": "bool", "default": False},
     "pitr_wal": {"type": "path", "default": "/usr/local/lib/pitr-postgresql/bin/pitr-wal"},
+    "wal_prefetch": {"type": "int", "default": 0},
     "python": {"type": "path", "default": "/usr/bin/python3"},
     "pg_bindir": {"type": "path"},
     "validate_only": {"type": "bool", "default": False},
@@ -467,7 +497,10 @@ def build_request(
         repository=p["repository_path"],
         data_dir=data_dir,
         restore_command=restore_command_for(
-            program=p["pitr_wal"], repo=p["repository_path"], python=p["python"]
+            program=p["pitr_wal"],
+            repo=p["repository_path"],
+            python=p["python"],
+            prefetch=p["wal_prefetch"] or None,
         ),
         backup_label=p["backup_label"],
         clone=p["clone"],
@@ -526,6 +559,13 @@ def main() -> None:
     try:
         target = parse_target(p)  # the user's input first, before reading anything
         check_pitr_wal(p["pitr_wal"])
+        if not 0 <= p["wal_prefetch"] <= MAX_PREFETCH:
+            raise PitrError(
+                f"wal_prefetch (pitr_restore_wal_prefetch) is {p['wal_prefetch']}: give 0 (fetch"
+                f" one segment at a time) up to {MAX_PREFETCH} segments",
+                wal_prefetch=p["wal_prefetch"],
+            )
+        check_prefetch(p["pitr_wal"], p["python"], p["wal_prefetch"])
         repo, identity = open_repository(p["repository_path"])
         data_dir = p["data_dir"] or f"/var/lib/postgresql/{identity.pg_major}/main"
         bindir = p["pg_bindir"] or f"/usr/lib/postgresql/{identity.pg_major}/bin"

@@ -206,12 +206,15 @@ outcome:
 
 import time
 import typing as t
+from datetime import UTC, datetime
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.pitr.postgresql.plugins.module_utils import (
+    prefetch,
     recovery_conf,
     recovery_run,
+    restore_lease,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
 from ansible_collections.pitr.postgresql.plugins.module_utils.postgres import (
@@ -295,6 +298,8 @@ def finish(
             "failed",
             failure={"phase": r["phase"], "log_failures": r["log_failures"]},
         )
+        lease_done(module, state, "drop")  # this attempt is over; a re-run takes a new one
+        discard_prefetch(module, data_dir)
         module.fail_json(msg=failure_message(p, r), recovery=r)
     target = (p["target"] or {}).get("description") or "the target"
     if r.get("target_reached") is False:
@@ -330,6 +335,8 @@ def finish(
                 recovery=promoted,
             )
         timeline = promoted["timeline"]
+        lease_done(module, state, "drop")  # promoted: the restore reads no more WAL
+        discard_prefetch(module, data_dir)
         change = recovery_conf.plan_absent(data_dir, "recovery")
         if change.changed:
             recovery_conf.apply(data_dir, change)
@@ -352,6 +359,8 @@ def finish(
         recovery_run.pg_ctl(
             p["pg_bindir"], "stop", data_dir, "--mode=fast", "--wait", "--timeout=300"
         )
+    if not promote:  # paused or shut down at the target: it fetches nothing until told
+        discard_prefetch(module, data_dir)
     phase = {"promote": "completed", "pause": "paused", "shutdown": "shutdown"}[p["target_action"]]
     started = p["restore_started"]
     outcome = {
@@ -371,6 +380,40 @@ def finish(
     # An earlier attempt's failure is history now.
     recovery_run.record_state(data_dir, state, phase, result=outcome, failure=None)
     return outcome
+
+
+def discard_prefetch(module: AnsibleModule, data_dir: str) -> None:
+    """Stop the WAL prefetcher of ``pitr-wal fetch --prefetch`` and remove its spool."""
+    spool = prefetch.default_spool(data_dir)
+    try:
+        if not prefetch.discard(spool):
+            module.warn(f"the WAL prefetcher of {spool} did not stop within 10 s")
+    except OSError as exc:
+        module.warn(f"cannot remove the WAL prefetch spool {spool}: {exc.strerror}")
+
+
+def lease_done(module: AnsibleModule, state: t.Mapping[str, t.Any], action: str) -> None:
+    """Renew (when half its lifetime is gone) or drop the restore's lease, if it has one; a
+    repository this host cannot write only gets a warning."""
+    lease = state.get("lease") or {}
+    if not lease.get("id") or not lease.get("repository"):
+        return
+    try:
+        repo = Repository.open_posix(lease["repository"])
+        if action == "drop":
+            restore_lease.drop(repo, lease["id"])
+            return
+        current = restore_lease.get(repo, lease["id"])
+        if current is None:
+            module.warn(
+                f"the restore lease {lease['id']} is gone (expired and removed by a retention"
+                " prune?): the backup and WAL this restore reads are no longer protected from it"
+            )
+        elif (current.expires - datetime.now(UTC)).total_seconds() < current.ttl_seconds / 2:
+            restore_lease.renew(repo, lease["id"])
+    except PitrError as exc:
+        done = "dropped" if action == "drop" else "renewed"
+        module.warn(f"the restore lease {lease['id']} could not be {done}: {exc.msg}")
 
 
 def start(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
@@ -412,6 +455,7 @@ def main() -> None:
         )
         timed_out = time.time() - since >= p["timeout"]
         if r["phase"] in ("starting", "recovering") and not timed_out:
+            lease_done(module, p["state"] or {}, "renew")
             module.exit_json(
                 changed=bool(started),
                 **started,

@@ -76,6 +76,25 @@ options:
         C(/etc/postgresql), so that C(pg_ctl start) works on the copy.
     type: bool
     default: false
+  lease:
+    description:
+      - With O(step=stage), take a restore lease in the repository first, so that a retention
+        prune keeps the backup and the WAL this restore reads (see M(pitr.postgresql.retention)).
+        Its id is recorded in the restore's state file as C(lease); the restore drops it once
+        promoted. A repository this host cannot write gets no lease, with a warning.
+    type: dict
+    suboptions:
+      repository_path:
+        description: The repository.
+        type: path
+        required: true
+      first_segment:
+        description: The first WAL segment the restore reads (from the plan).
+        type: str
+      ttl_seconds:
+        description: The lease's lifetime; the restore renews it while it follows recovery.
+        type: int
+        default: 86400
   old_data_dir:
     description:
       - Where the current data directory goes with O(step=swap). Empty - there is none, or an
@@ -168,12 +187,14 @@ written_config:
   sample: [postgresql.conf, pg_hba.conf, pg_ident.conf]
 """
 
+import dataclasses
 import typing as t
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pitr.postgresql.plugins.module_utils import restore_stage
+from ansible_collections.pitr.postgresql.plugins.module_utils import restore_lease, restore_stage
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
+from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
 
 
 def as_setting(value: t.Any) -> str:
@@ -195,7 +216,37 @@ ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
     "standalone_config": {"type": "bool", "default": False},
     "old_data_dir": {"type": "str"},
     "full": {"type": "bool", "default": True},
+    "lease": {
+        "type": "dict",
+        "options": {
+            "repository_path": {"type": "path", "required": True},
+            "first_segment": {"type": "str"},
+            "ttl_seconds": {"type": "int", "default": 86400},
+        },
+    },
 }
+
+
+def take_lease(
+    module: AnsibleModule, p: t.Mapping[str, t.Any]
+) -> tuple[Repository, dict[str, t.Any]] | None:
+    """A restore lease on the backup (None, with a warning, when it cannot be written)."""
+    state = p["state"] or {}
+    repo = Repository.open_posix(p["lease"]["repository_path"])
+    timeline = (state.get("timeline") or {}).get("resolved")
+    lease, reason = restore_lease.take(
+        repo,
+        backup_label=str(p["backup"].get("label")),
+        data_dir=p["data_dir"],
+        target=str((state.get("target") or {}).get("description") or ""),
+        first_segment=p["lease"]["first_segment"],
+        timeline=int(timeline) if timeline else None,
+        ttl_seconds=p["lease"]["ttl_seconds"],
+    )
+    if lease is None:
+        module.warn(str(reason))
+        return None
+    return repo, {"id": lease.lease_id, "repository": p["lease"]["repository_path"]}
 
 
 def main() -> None:
@@ -228,7 +279,15 @@ def main() -> None:
             module.exit_json(
                 changed=True, steps=steps, state=dict(p["state"]), written_config=[], **result
             )
-        record = restore_stage.stage(request)
+        taken = take_lease(module, p) if p["lease"] else None
+        if taken is not None:
+            request = dataclasses.replace(request, state={**request.state, "lease": taken[1]})
+        try:
+            record = restore_stage.stage(request)
+        except BaseException:
+            if taken is not None:  # this attempt is over; the next one takes its own lease
+                restore_lease.drop(taken[0], taken[1]["id"])
+            raise
     except (PitrError, ValueError) as exc:
         if isinstance(exc, PitrError):
             module.fail_json(**exc.to_result())

@@ -41,7 +41,10 @@ for _p in (collections_path(), str(ROOT)):
     if _p not in sys.path:
         sys.path.append(_p)
 
-from ansible_collections.pitr.postgresql.plugins.module_utils import catalog  # noqa: E402
+from ansible_collections.pitr.postgresql.plugins.module_utils import (  # noqa: E402
+    catalog,
+    restore_lease,
+)
 from ansible_collections.pitr.postgresql.plugins.module_utils.hostcmd import (  # noqa: E402
     archive_command_for,
 )
@@ -511,6 +514,15 @@ def test_unreachable_targets_are_refused_before_anything_changes(source: Source)
     gap_marker = source.marker(6)
     missing = segment_after_backup(source, gap_marker)
     (gap_repo / wal_key(missing)).unlink()
+    # A pitr-wal from before --prefetch (as the last release's parse_args answers it).
+    old_prefix = source.base / "old-prefix"
+    (old_prefix / "bin").mkdir(parents=True, exist_ok=True)
+    (old_prefix / "bin" / "pitr-wal").write_text(
+        "import sys\n"
+        "if '--prefetch' in sys.argv:\n"
+        "    sys.stderr.write('pitr-wal: unknown option --prefetch\\n')\n"
+        "    sys.exit(2)\n"
+    )
     runs = run_restores(
         {
             "after-end": source.in_place_vars(
@@ -535,6 +547,11 @@ def test_unreachable_targets_are_refused_before_anything_changes(source: Source)
             ),
             "two-targets": source.clone_vars(
                 "refused-two", pitr_restore_target_xid="1000", pitr_restore_target="latest"
+            ),
+            "old-pitr-wal": source.clone_vars(
+                "refused-old-pitr-wal",
+                pitr_install_prefix=str(old_prefix),
+                pitr_restore_target_time=utc_text(source.marker(9).commit_time),
             ),
             "no-pitr-wal": source.clone_vars(
                 "refused-no-pitr-wal",
@@ -564,6 +581,9 @@ def test_unreachable_targets_are_refused_before_anything_changes(source: Source)
     assert "2026-11-25 10:30:00+00" in runs["naive-time"].failure["msg"]
     assert "abbreviation" in runs["abbreviation"].failure["msg"]
     assert "exactly one recovery target" in runs["two-targets"].failure["msg"]
+    old_pitr_wal = runs["old-pitr-wal"].failure["msg"]
+    assert "does not know --prefetch" in old_pitr_wal, old_pitr_wal
+    assert "pitr_restore_wal_prefetch=0" in old_pitr_wal
     no_pitr_wal = runs["no-pitr-wal"].failure["msg"]
     assert f"{source.base / 'not-installed'}/bin/pitr-wal is missing" in no_pitr_wal
     assert "playbooks/install_host_command.yml" in no_pitr_wal
@@ -660,6 +680,8 @@ def check_clone(source: Source, restores: dict[str, t.Any], name: str) -> list[i
     assert scalar(port, source.cluster.sockdir, "SHOW archive_mode") == "off"
     auto = Path(v["pitr_restore_data_dir"], "postgresql.auto.conf").read_text()
     assert "recovery_target" not in auto and "restore_command" not in auto
+    # The WAL prefetch spool (pitr_restore_wal_prefetch, on by default) went with the restore.
+    assert not Path(v["pitr_restore_data_dir"], "pg_wal", "pitr-prefetch").exists()
     return marker_ids(port, source.cluster.sockdir)
 
 
@@ -765,6 +787,18 @@ def test_interrupted_restore_never_starts_as_if_nothing_happened_and_resumes(
     assert restores["runs"]["pause"].result["phase"] == "paused"
     assert scalar(paused_port, source.cluster.sockdir, "SELECT pg_is_in_recovery()") is True
     assert marker_ids(paused_port, source.cluster.sockdir) == want_paused
+    # The paused one keeps its restore lease (promoting it reads WAL again), taken by the
+    # staging step (root) and handed to the repository's owner like the rest of it.
+    (lease,) = [
+        x
+        for x in held_leases(source.repo, restores)
+        if x.data_dir == paused["pitr_restore_data_dir"]
+    ]
+    assert lease.backup_label == source.backup.label
+    assert lease.first_segment and lease.timeline == 1
+    lease_file = source.repo / restore_lease.lease_key(lease.lease_id)
+    assert lease_file.stat().st_uid == source.repo.stat().st_uid != 0
+    assert lease_file.parent.stat().st_uid == source.repo.stat().st_uid
     # Run again: the interrupted one fixed, the paused one now to be promoted, and a finished
     # restore that must not change.
     del v["pitr_restore_pg_ctl_options"]
@@ -777,6 +811,7 @@ def test_interrupted_restore_never_starts_as_if_nothing_happened_and_resumes(
     )
     promoted = again["pause"]
     assert not promoted.failed, promoted.failure.get("msg")
+    assert restore_lease.get(Repository.open_posix(str(source.repo)), lease.lease_id) is None
     assert promoted.plan["decision"] == "resume"
     assert promoted.result["phase"] == "completed"
     assert scalar(paused_port, source.cluster.sockdir, "SELECT pg_is_in_recovery()") is False
@@ -796,6 +831,51 @@ def test_interrupted_restore_never_starts_as_if_nothing_happened_and_resumes(
     assert not unchanged.failed
     assert unchanged.plan["decision"] == "none"
     assert unchanged.changed_tasks == []
+
+
+def test_promoted_clones_replayed_prefetched_wal_and_left_no_prefetcher(
+    source: Source, restores: dict[str, t.Any]
+) -> None:
+    # restore_command is pitr-wal fetch --prefetch 8 (the role's default): the server log of a
+    # clone that replayed several segments shows segments served from the spool.
+    served = {}
+    for name in EXPECTED:
+        log = Path(restores["vars"][name]["pitr_restore_data_dir"] + ".pitr-restore.log")
+        served[name] = log.read_text(errors="replace").count("from prefetch in")
+    assert sum(served.values()) > 0, served
+    assert served["time-between-excl"] > 0, served
+    # No prefetcher outlives its restore (each finished one discarded its spool).
+    left = subprocess.run(
+        ["pgrep", "-f", f"pitr-wal --repo {source.repo} .*--prefetch"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert left.stdout.strip() == "", left.stdout
+
+
+def held_leases(repo: Path, restores: dict[str, t.Any]) -> list[restore_lease.Lease]:
+    """The restore leases in ``repo`` taken by the fixture's restores (by data directory)."""
+    dirs = {v["pitr_restore_data_dir"] for v in restores["vars"].values()}
+    leases, unreadable = restore_lease.scan(Repository.open_posix(str(repo)))
+    assert unreadable == []
+    return [x for x in leases if x.data_dir in dirs]
+
+
+def test_restore_leases_are_dropped_once_promoted_or_failed(
+    source: Source, restores: dict[str, t.Any]
+) -> None:
+    # Every restore took a lease on its backup before laying it down (a retention prune keeps
+    # what a restore reads): recorded in its state file, dropped once promoted or failed. (The
+    # paused one keeps it: test_interrupted_restore_never_starts_as_if_nothing_happened_...)
+    for name in ("time-exact-incl", "immediate", "interrupted"):
+        lease = state_file(restores["vars"][name]["pitr_restore_data_dir"]).get("lease")
+        assert lease and lease["repository"] == str(source.repo), (name, lease)
+    paused = restores["vars"]["pause"]["pitr_restore_data_dir"]
+    held = [x.data_dir for x in held_leases(source.repo, restores) if x.data_dir != paused]
+    assert held == []
+    corrupt_repo = Path(restores["vars"]["corrupt"]["pitr_repository_path"])
+    assert held_leases(corrupt_repo, restores) == []
 
 
 def test_parallel_restores_stay_fast(restores: dict[str, t.Any]) -> None:

@@ -480,6 +480,54 @@ def test_time_target_needs_few_waldump_calls() -> None:
     assert len(inspector.calls) < 30
 
 
+def test_archive_times_point_the_search_at_the_stop_in_two_waldump_calls() -> None:
+    many = {segment_name(1, n): [float(n)] for n in range(3, 1003)}
+    wal = wal_listing(*segments(1, 2, 1002))
+    # each segment archived half a minute after its commit, as archive_command does
+    wal = [
+        (
+            w,
+            ObjectInfo(
+                info.key,
+                info.size,
+                (T0 + timedelta(minutes=w.segment_number(SEG) + 0.5)).timestamp(),
+            ),
+        )
+        for w, info in wal
+    ]
+    inspector = FakeInspector(many)
+    p = recovery.plan_recovery(
+        request(parse_target(target_time=at(500.7))),
+        backups=[backup("b", 2, T0 + timedelta(minutes=1))],
+        wal=wal,
+        histories={},
+        data_dir=data_dir(),
+        inspector=inspector,
+        now=T0 + timedelta(hours=30),
+        system_identifier=7001,
+    )
+    assert p.wal["last"] == segment_name(1, 501)
+    # the newest segment, the hinted one (501) and the one before it: nothing else
+    assert sorted(set(inspector.calls)) == sorted([*segments(1, 500, 501), segment_name(1, 1002)])
+
+
+@pytest.mark.parametrize("target_minute", [3.0, 3.5, 4.2, 6.0, 6.5, 8.9])
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_any_hint_gives_the_answer_of_the_plain_search(
+    target_minute: float, inclusive: bool
+) -> None:
+    # File times can be anything (a copied repository, clock skew): the hint only orders the
+    # look-ups, the answer stays the binary search's.
+    target = parse_target(target_time=at(target_minute), inclusive=inclusive)
+    commits = dict(COMMITS)
+    commits[segment_name(1, 5)] = []  # a segment without commits on the way
+    scan = recovery.WalScan(2, 9, 9, (), tuple(segments(1, 2, 9)))
+    plain = recovery.find_time_stop(target, scan, 2, FakeInspector(commits))
+    for hint in [None, *range(0, 12)]:
+        hinted = recovery.find_time_stop(target, scan, 2, FakeInspector(commits), hint)
+        assert hinted == plain, (hint, hinted, plain)
+
+
 def test_target_after_the_end_of_the_archive_is_refused() -> None:
     with pytest.raises(RecoveryPlanError) as info:
         plan(parse_target(target_time=at(8.5)), [B_OLD], segments(1, 2, 9), FakeInspector(COMMITS))
