@@ -76,6 +76,13 @@ options:
         C(/etc/postgresql), so that C(pg_ctl start) works on the copy.
     type: bool
     default: false
+  swap_if_free:
+    description:
+      - With O(step=stage), when nothing is at O(data_dir) (a copy into a new directory), put
+        the prepared directory in place in the same call (one rename, as O(step=swap) would);
+        returns C(swapped). Where a data directory exists, O(step=swap) moves it aside later.
+    type: bool
+    default: false
   lease:
     description:
       - With O(step=stage), take a restore lease in the repository first, so that a retention
@@ -167,6 +174,11 @@ staging_dir:
   returned: always
   type: str
   sample: /var/lib/postgresql/15/main.pitr-staging
+swapped:
+  description: Whether O(swap_if_free) put the prepared directory in place.
+  returned: with O(step=stage)
+  type: bool
+  sample: true
 steps:
   description: What was done (or would be, in check mode), one line per step.
   returned: always
@@ -188,6 +200,7 @@ written_config:
 """
 
 import dataclasses
+import os
 import typing as t
 
 from ansible.module_utils.basic import AnsibleModule
@@ -216,6 +229,7 @@ ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
     "standalone_config": {"type": "bool", "default": False},
     "old_data_dir": {"type": "str"},
     "full": {"type": "bool", "default": True},
+    "swap_if_free": {"type": "bool", "default": False},
     "lease": {
         "type": "dict",
         "options": {
@@ -293,7 +307,23 @@ def main() -> None:
             module.fail_json(**exc.to_result())
         module.fail_json(msg=f"mode {p['mode']!r} is not an octal file mode such as 0700")
     written = record.pop("written_config", [])
-    module.exit_json(changed=True, steps=steps, state=record, written_config=written, **result)
+    swapped = False
+    if p["swap_if_free"] and not os.path.lexists(p["data_dir"]):
+        swap = restore_stage.plan_swap(p["data_dir"], None, True)
+        try:
+            restore_stage.swap(swap)
+        except PitrError as exc:
+            module.fail_json(**exc.to_result())
+        swapped = swap.changed
+        steps += swap.steps()
+    module.exit_json(
+        changed=True,
+        steps=steps,
+        state=record,
+        written_config=written,
+        swapped=swapped,
+        **result,
+    )
 
 
 if __name__ == "__main__":
