@@ -39,14 +39,18 @@ from benchlib import (
     ScratchCluster,
     as_postgres,
     chown_postgres,
+    compile_tree,
     drop_page_cache_of,
     host_lib,
+    init_repository,
     install_host_command,
+    log,
     percentile,
     process_cpu_s,
     run,
     summarize,
     timed_run,
+    write_pgbackrest_conf,
 )
 
 SEGMENT_BYTES = 16 * 1024 * 1024
@@ -130,10 +134,6 @@ EXTRA_DRAIN_TOOLS = (
     "pitr-wal-lz4",
     "variant:combined",
 )
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,10 +224,7 @@ def install_base_ref(prefix: Path, ref: str) -> Path:
         if path.endswith(".py") or path.startswith("roles/"):
             target.write_bytes(text)
     (pkg / "module_utils" / "__init__.py").touch()
-    run(
-        [SYSTEM_PYTHON, "-I", "-S", "-m", "compileall", "-q", str(prefix / "lib")],
-        postgres=False,
-    )
+    compile_tree(prefix / "lib")
     os.chmod(prefix, 0o755)
     return prefix
 
@@ -241,7 +238,7 @@ def install_hostside(prefix: Path) -> str:
     lib = prefix / "lib" / "bench"
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy2(HOSTSIDE, lib / "hostside.py")
-    run([SYSTEM_PYTHON, "-I", "-S", "-m", "compileall", "-q", str(lib)], postgres=False)
+    compile_tree(lib)
     launcher = prefix / "bin" / "pitr-bench-hostside"
     launcher.write_text(
         "import sys\n"
@@ -253,6 +250,18 @@ def install_hostside(prefix: Path) -> str:
     for path in (lib, lib / "hostside.py", launcher):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     return str(launcher)
+
+
+def run_hostside(env: BenchEnv, command: str, args: list[str], timeout: float) -> t.Any:
+    """``hostside.py COMMAND LIB ARGS...`` as root (not timed here); its JSON output."""
+    proc = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-S", env.hostside, command, env.lib, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=timeout,
+    )
+    return json.loads(proc.stdout)
 
 
 def load_data(env: BenchEnv, scale: int, workload: str, tpcb_seconds: float) -> None:
@@ -433,30 +442,10 @@ def _pgbackrest_tool(env: BenchEnv, key: str, dest: Path) -> Tool:
         "pgbackrest-zst-async": ("zst", 1),
     }[key]
     repo = dest / "repo"
-    for sub in ("repo", "lock", "log", "spool"):
-        (dest / sub).mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[global]",
-        f"repo1-path={repo}",
-        f"lock-path={dest / 'lock'}",
-        f"log-path={dest / 'log'}",
-        f"spool-path={dest / 'spool'}",
-        "log-level-console=warn",
-        "log-level-file=off",
-        f"compress-type={codec[0]}",
-        f"compress-level={codec[1]}",
-    ]
+    options = [f"compress-type={codec[0]}", f"compress-level={codec[1]}"]
     if key.endswith("-async"):
-        lines += ["archive-async=y", "process-max=2"]
-    lines += [
-        f"[{STANZA}]",
-        f"pg1-path={env.cluster.datadir}",
-        f"pg1-port={env.cluster.port}",
-        f"pg1-socket-path={env.cluster.socket_dir}",
-    ]
-    conf = dest / "pgbackrest.conf"
-    conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    chown_postgres(dest, recursive=True)
+        options += ["archive-async=y", "process-max=2"]
+    conf = write_pgbackrest_conf(dest, STANZA, env.cluster, options)
     run(["pgbackrest", f"--config={conf}", f"--stanza={STANZA}", "stanza-create"], timeout=120)
     tool = Tool(
         key, repo / "archive", f"pgbackrest --config={conf} --stanza={STANZA} archive-push %p"
@@ -498,19 +487,7 @@ def prepare_tool(env: BenchEnv, key: str, dest: Path) -> Tool:
             if env.prefix_base is None:
                 raise BenchError(f"{key} needs --base-ref COMMIT")
             program = str(env.prefix_base / "bin" / "pitr-wal")
-        run(
-            [
-                SYSTEM_PYTHON,
-                "-I",
-                "-S",
-                program,
-                "--repo",
-                str(dest),
-                "init",
-                "--pgdata",
-                str(env.cluster.datadir),
-            ]
-        )
+        init_repository(program, dest, env.cluster.datadir)
         if key.startswith("variant:"):
             variants = VARIANT_TOOLS[key]
             command = (
@@ -793,7 +770,7 @@ def bench_startup(env: BenchEnv, runs: int) -> dict[str, t.Any]:
             shutil.rmtree(d)
         d.mkdir()
         chown_postgres(d)
-    run([*py, env.program, "--repo", str(repo), "init", "--pgdata", str(env.cluster.datadir)])
+    init_repository(env.program, repo, env.cluster.datadir)
     histories = []
     for tli in range(2, runs + 2):
         path = hist_dir / f"{tli:08X}.history"
@@ -943,23 +920,7 @@ def bench_compression(env: BenchEnv, segments: int, repeat: int) -> dict[str, t.
         }
     joined.unlink()
     packed.unlink()
-    proc = subprocess.run(
-        [
-            SYSTEM_PYTHON,
-            "-I",
-            "-S",
-            env.hostside,
-            "codecs",
-            env.lib,
-            str(repeat),
-            *(str(p) for p in corpus),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=900,
-    )
-    ours = json.loads(proc.stdout)
+    ours = run_hostside(env, "codecs", [str(repeat), *(str(p) for p in corpus)], timeout=900)
     return {"input_bytes": total, "segments": len(corpus), "cli": cli, "ours": ours}
 
 
@@ -987,23 +948,9 @@ def bench_stages(env: BenchEnv, segments: int) -> dict[str, t.Any]:
     base.mkdir()
     env.cluster.psql("CHECKPOINT")
     os.sync()
-    proc = subprocess.run(
-        [
-            SYSTEM_PYTHON,
-            "-I",
-            "-S",
-            env.hostside,
-            "stages",
-            env.lib,
-            str(base),
-            *(str(p) for p in env.corpus[:segments]),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
+    raw = run_hostside(
+        env, "stages", [str(base), *(str(p) for p in env.corpus[:segments])], timeout=600
     )
-    raw = json.loads(proc.stdout)
     shutil.rmtree(base)
     return {
         "segments": segments,

@@ -43,8 +43,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,17 +57,28 @@ import re
 
 from benchlib import (
     PG_BIN,
+    RESULTS,
     ROOT,
     SYSTEM_PYTHON,
     BenchError,
     ScratchCluster,
+    args_record,
     as_postgres,
+    bench_main,
     chown_postgres,
     drop_caches,
     drop_page_cache_of,
+    fmt,
+    init_repository,
     install_host_command,
+    log,
+    md_table,
+    median_or_none,
+    merge_args,
     ratio,
+    ratio_medians,
     timed_run,
+    write_pgbackrest_conf,
 )
 from benchlib import (
     run as run_cmd,
@@ -101,10 +110,6 @@ def default_compression() -> str:
 def alternative_compression(default: str) -> str:
     """The other server-side codec: the default is chosen between these two by measurement."""
     return "server-zstd:1" if "lz4" in default else "server-lz4:1"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
@@ -181,36 +186,17 @@ class Setup:
             }
         )
         self.pgbr = workdir / "pgbackrest"
-        for sub in ("repo", "lock", "log", "spool"):
-            (self.pgbr / sub).mkdir(parents=True, exist_ok=True)
-        self.pgbr_conf = self.pgbr / "pgbackrest.conf"
-        lines = [
-            "[global]",
-            f"repo1-path={self.pgbr / 'repo'}",
-            f"lock-path={self.pgbr / 'lock'}",
-            f"log-path={self.pgbr / 'log'}",
-            f"spool-path={self.pgbr / 'spool'}",
-            "log-level-console=warn",
-            "log-level-file=off",
-            "compress-type=zst",
-            "compress-level=1",
-            "start-fast=y",
-            "repo1-retention-full=9999",
-            f"[{STANZA}]",
-            f"pg1-path={self.cluster.datadir}",
-            f"pg1-port={self.cluster.port}",
-            f"pg1-socket-path={self.cluster.socket_dir}",
-        ]
-        self.pgbr_conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        chown_postgres(self.pgbr, recursive=True)
+        self.pgbr_conf = write_pgbackrest_conf(
+            self.pgbr,
+            STANZA,
+            self.cluster,
+            ["compress-type=zst", "compress-level=1", "start-fast=y", "repo1-retention-full=9999"],
+        )
         self.cluster.write_archive_settings(
             {"archive_command": f"'{self.pgbackrest_argv('archive-push')[0]} %p'"}
         )
         self.cluster.start()
-        run_cmd(
-            [SYSTEM_PYTHON, "-I", "-S", self.pitr_wal, "--repo", str(self.repo), "init",
-             "--pgdata", str(self.cluster.datadir)]
-        )  # fmt: skip
+        init_repository(self.pitr_wal, self.repo, self.cluster.datadir)
         log(f"cluster in {self.cluster.base}; pgbench -i -s {scale}")
         run_cmd(self.cluster.pgbench_argv("-i", "-q", "-s", str(scale)), timeout=1200)
         self.cluster.psql("CHECKPOINT")
@@ -337,10 +323,6 @@ def run_tool(s: Setup, tool: str, rnd: int) -> dict[str, t.Any]:
     return res
 
 
-def _median(values: t.Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
     """Run the benchmark (root); the results (raw runs, medians, per-round ratios)."""
     started = time.time()
@@ -383,7 +365,7 @@ def summarize(
     for tool in tools:
         rs = [r for r in raw if r["tool"] == tool]
         med[tool] = {
-            key: _median([float(r[key]) for r in rs if key in r])
+            key: median_or_none([float(r[key]) for r in rs if key in r])
             for key in ("wall_s", "cpu_s", "basebackup_s", "verify_s", "stored_bytes")
         }
         med[tool]["n"] = len(rs)
@@ -428,10 +410,10 @@ def summarize(
             add("plain_vs_tar", by["tar"]["wall_s"], by["plain"]["wall_s"])
         if "plain" in by:
             add("verify_vs_pg_verifybackup", by["plain"]["verify_s"], mod["verify_s"])
-    ratios = {k: {"median": statistics.median(v), "rounds": v} for k, v in per_round.items()}
+    ratios = ratio_medians(per_round)
     return {
         "benchmark": "backup",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "cluster_bytes": cluster_bytes,
         "loadavg_end": os.getloadavg(),
         "duration_s": took,
@@ -443,26 +425,9 @@ def summarize(
 
 
 def run(args: argparse.Namespace) -> dict[str, t.Any]:
-    """The registration API for benchmarks/run.py: run and return the results.
-
-    ``args`` may be run.py's namespace: options this benchmark has and it lacks take this
-    benchmark's defaults (``workdir``/``out`` are never taken from it).
-    """
-    merged = parse_args([])
-    for key, value in vars(args).items():
-        if hasattr(merged, key) and key not in ("workdir", "out"):
-            setattr(merged, key, value)
-    return run_bench(merged)
-
-
-def _fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{unit}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for h in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return [*out, ""]
+    """The registration API for benchmarks/run.py: run and return the results (``args`` may
+    be run.py's namespace, see :func:`benchlib.merge_args`)."""
+    return run_bench(merge_args(parse_args([]), args))
 
 
 LABELS = {
@@ -518,14 +483,14 @@ def render(results: dict[str, t.Any]) -> str:
             [
                 LABELS[tool].format(**comp),
                 str(int(m["n"] or 0)),
-                _fmt(wall),
-                _fmt(m.get("basebackup_s")),
-                _fmt(m.get("verify_s")),
-                _fmt(mb / wall if wall else None, 0),
-                _fmt((m.get("stored_bytes") or 0) / 1e6, 0),
+                fmt(wall),
+                fmt(m.get("basebackup_s")),
+                fmt(m.get("verify_s")),
+                fmt(mb / wall if wall else None, 0),
+                fmt((m.get("stored_bytes") or 0) / 1e6, 0),
             ]
         )
-    lines += _table(
+    lines += md_table(
         ["what", "n", "wall s (median)", "pg_basebackup s", "verify s", "MB/s", "stored MB"], rows
     )
 
@@ -538,8 +503,8 @@ def render(results: dict[str, t.Any]) -> str:
     def row(text: str, key: str, target: float | None = None, unit: str = "x") -> list[str]:
         value = r(key)
         if target is None:
-            return [text, _fmt(value, 2, unit), "-", "-"]
-        return [text, _fmt(value, 2, unit), f">= {target:.1f}x", ok(value, target)]
+            return [text, fmt(value, 2, unit), "-", "-"]
+        return [text, fmt(value, 2, unit), f">= {target:.1f}x", ok(value, target)]
 
     d, a = comp["default"], comp["alternative"]
     tr = [
@@ -574,7 +539,7 @@ def render(results: dict[str, t.Any]) -> str:
         "Speed ratios (baseline time / our time, so > 1 is faster), median of per-round ratios:",
         "",
     ]
-    lines += _table(["ratio", "value", "target", "met"], tr)
+    lines += md_table(["ratio", "value", "target", "met"], tr)
     lines.append(
         "Our verifier handles tar only on PostgreSQL 15, so it is timed on the module's"
         " tar backup and compared with pg_verifybackup on the plain backup of the"
@@ -583,27 +548,10 @@ def render(results: dict[str, t.Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _terminate(signum: int, frame: t.Any) -> None:
-    # Unwind through the finally blocks: stop pgbench and the scratch servers, remove files.
-    raise SystemExit(f"stopped by signal {signum}")
-
-
 def main(argv: t.Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    out = args.out or ROOT / "benchmarks" / "results" / time.strftime("backup-%Y%m%dT%H%M%S")
-    try:
-        results = run_bench(args)
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "backup.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    text = render(results)
-    (out / "backup.md").write_text(text)
-    print(text)
-    return 0
+    out = args.out or RESULTS / time.strftime("backup-%Y%m%dT%H%M%S")
+    return bench_main(lambda: run_bench(args), render, out, "backup")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 # Copyright: contributors to pitr.postgresql
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Shared pieces of the benchmark harness: statistics, bounded waits, a scratch PostgreSQL
-cluster, and running commands as the ``postgres`` OS user the way the archiver does.
+cluster, a pgBackRest configuration for it, running commands as the ``postgres`` OS user the
+way the archiver does, and reporting (log lines, Markdown tables, the results files, ``main``).
 
 The harness runs as root (initdb and the server run as ``postgres``). Commands that are timed
 run as ``postgres`` through ``subprocess``'s ``user=``/``group=`` (setuid in the child just
@@ -10,7 +11,9 @@ before exec), so no ``runuser``/PAM process sits between the timer and the comma
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import math
 import os
 import re
@@ -19,11 +22,13 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 import typing as t
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SYSTEM_PYTHON = "/usr/bin/python3"
 PG_USER = "postgres"
@@ -192,16 +197,26 @@ def install_host_command(prefix: Path, *, precompile: bool) -> str:
             if name == "__pycache__":
                 shutil.rmtree(os.path.join(dirpath, name))
     if precompile:
-        run(
-            [SYSTEM_PYTHON, "-I", "-S", "-m", "compileall", "-q", str(prefix / "lib")],
-            postgres=False,
-        )
+        compile_tree(prefix / "lib")
     os.chmod(prefix, 0o755)
     return program
 
 
+def compile_tree(path: Path) -> None:
+    """``.pyc`` files for every module below ``path``, made as root with the system Python."""
+    run([SYSTEM_PYTHON, "-I", "-S", "-m", "compileall", "-q", str(path)], postgres=False)
+
+
 def host_lib(prefix: Path) -> str:
     return str(prefix / "lib" / "current")
+
+
+def init_repository(program: str, repo: Path, pgdata: Path) -> None:
+    """``pitr-wal --repo REPO init --pgdata PGDATA`` as postgres (not timed)."""
+    run(
+        [SYSTEM_PYTHON, "-I", "-S", program, "--repo", str(repo), "init",
+         "--pgdata", str(pgdata)]
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,3 +383,114 @@ class ScratchCluster:
         with open(self.logfile, "rb") as fh:
             fh.seek(offset)
             return fh.read().decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# pgBackRest, the baseline
+
+
+def write_pgbackrest_conf(
+    base: Path, stanza: str, cluster: ScratchCluster, options: t.Sequence[str]
+) -> Path:
+    """``base/pgbackrest.conf`` for ``cluster`` with its repository, lock, log and spool
+    directories below ``base`` (all owned by postgres); ``options`` go into ``[global]``.
+    """
+    for sub in ("repo", "lock", "log", "spool"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[global]",
+        f"repo1-path={base / 'repo'}",
+        f"lock-path={base / 'lock'}",
+        f"log-path={base / 'log'}",
+        f"spool-path={base / 'spool'}",
+        "log-level-console=warn",
+        "log-level-file=off",
+        *options,
+        f"[{stanza}]",
+        f"pg1-path={cluster.datadir}",
+        f"pg1-port={cluster.port}",
+        f"pg1-socket-path={cluster.socket_dir}",
+    ]
+    conf = base / "pgbackrest.conf"
+    conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    chown_postgres(base, recursive=True)
+    return conf
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting and the command line
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def median_or_none(values: t.Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, then an empty line."""
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _column in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*out, ""]
+
+
+def ratio_medians(per_round: dict[str, list[float]]) -> dict[str, dict[str, t.Any]]:
+    """Per-round ratios by name -> ``{"median": ..., "rounds": [...]}`` (both runs of a ratio
+    saw the same load; the median of the rounds is the figure reported)."""
+    return {k: {"median": statistics.median(v), "rounds": v} for k, v in per_round.items()}
+
+
+def args_record(args: argparse.Namespace) -> dict[str, t.Any]:
+    """The options of a run as JSON-ready values (paths as text), for the results file."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def merge_args(defaults: argparse.Namespace, args: argparse.Namespace) -> argparse.Namespace:
+    """``defaults`` (a benchmark's own parsed defaults) with the values ``args`` has for the
+    same options; ``workdir`` and ``out`` are never taken from ``args``.
+
+    How a benchmark's ``run(args)`` takes benchmarks/run.py's namespace.
+    """
+    for key, value in vars(args).items():
+        if hasattr(defaults, key) and key not in ("workdir", "out"):
+            setattr(defaults, key, value)
+    return defaults
+
+
+def _terminate(signum: int, frame: t.Any) -> None:
+    # Unwind through the finally blocks: stop pgbench and the scratch servers, remove files.
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def write_report(out: Path, stem: str, results: dict[str, t.Any], text: str) -> None:
+    """``out/<stem>.json`` (every raw sample) and ``out/<stem>.md`` (``text``); print ``text``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def bench_main(
+    run_bench: t.Callable[[], dict[str, t.Any]],
+    render: t.Callable[[dict[str, t.Any]], str],
+    out: Path,
+    stem: str,
+) -> int:
+    """A benchmark's ``main``: SIGTERM/SIGINT unwind through the clean-up, ``run_bench()``,
+    then :func:`write_report` of its results; 1 (and the reason on stderr) on BenchError.
+    """
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    try:
+        results = run_bench()
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    write_report(out, stem, results, render(results))
+    return 0

@@ -24,7 +24,6 @@ results.md to benchmarks/results/<timestamp>-dumps/. Tests never assert on time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -37,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import PG_BIN, ROOT, BenchError, ScratchCluster, ratio
+from benchlib import PG_BIN, RESULTS, ROOT, BenchError, ScratchCluster, ratio, write_report
 
 sys.path.insert(0, str(ROOT / "build" / "collections"))
 
@@ -47,7 +46,6 @@ from ansible_collections.pitr.postgresql.plugins.module_utils.repository import 
     RepositoryIdentity,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DATABASE = "benchdb"
 
 
@@ -329,11 +327,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     results["meta"]["duration_s"] = time.time() - started
     out = args.output_dir or RESULTS / (time.strftime("%Y%m%dT%H%M%S") + "-dumps")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    markdown = render(results)
-    (out / "results.md").write_text(markdown)
-    print(markdown)
+    write_report(out, "results", results, render(results))
     print(f"results in {out}", file=sys.stderr)
     return 0
 

@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,15 +54,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import archive_bench as ab
 from benchlib import (
     PG_BIN,
+    RESULTS,
     ROOT,
     SYSTEM_PYTHON,
     BenchError,
     Deadline,
     ScratchCluster,
+    args_record,
     as_postgres,
+    bench_main,
     chown_postgres,
+    fmt,
+    init_repository,
     install_host_command,
+    log,
+    md_table,
+    median_or_none,
+    merge_args,
     ratio,
+    ratio_medians,
+    write_pgbackrest_conf,
 )
 from benchlib import run as run_cmd
 
@@ -87,10 +97,6 @@ def ansible_env(extra: dict[str, str]) -> dict[str, str]:
 STANZA = "bench"
 METHODS = ("role", "cp", "pgbackrest")
 SEG = 16 * 1024 * 1024
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
@@ -194,37 +200,15 @@ class Setup:
         self.pgbr = workdir / "pgbackrest"
         self.pgbr_conf = self.pgbr / "pgbackrest.conf"
         if self.with_pgbackrest:
-            for sub in ("repo", "lock", "log", "spool"):
-                (self.pgbr / sub).mkdir(parents=True, exist_ok=True)
-            self.pgbr_conf.write_text(
-                "\n".join(
-                    [
-                        "[global]",
-                        f"repo1-path={self.pgbr / 'repo'}",
-                        f"lock-path={self.pgbr / 'lock'}",
-                        f"log-path={self.pgbr / 'log'}",
-                        f"spool-path={self.pgbr / 'spool'}",
-                        "log-level-console=warn",
-                        "log-level-file=off",
-                        "compress-type=zst",
-                        "compress-level=1",
-                        "start-fast=y",
-                        f"[{STANZA}]",
-                        f"pg1-path={self.cluster.datadir}",
-                        f"pg1-port={self.cluster.port}",
-                        f"pg1-socket-path={self.cluster.socket_dir}",
-                    ]
-                )
-                + "\n",
-                encoding="utf-8",
+            write_pgbackrest_conf(
+                self.pgbr,
+                STANZA,
+                self.cluster,
+                ["compress-type=zst", "compress-level=1", "start-fast=y"],
             )
-            chown_postgres(self.pgbr, recursive=True)
             push += f" && pgbackrest --config={self.pgbr_conf} --stanza={STANZA} archive-push %p"
         self.cluster.write_archive_settings({"archive_command": "'" + push + "'"})
-        run_cmd(
-            [SYSTEM_PYTHON, "-I", "-S", self.program, "--repo", str(self.repo), "init",
-             "--pgdata", str(self.cluster.datadir)]
-        )  # fmt: skip
+        init_repository(self.program, self.repo, self.cluster.datadir)
         self.cluster.start()
         self.sock = self.cluster.socket_dir
         self.port = self.cluster.port
@@ -714,10 +698,6 @@ def bench_exactness(s: Setup, count: int, batch: int, seed: int) -> dict[str, t.
     }
 
 
-def _median(values: t.Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
     started = time.time()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pitr-rbench-", dir="/var/tmp"))
@@ -747,7 +727,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
     raw = rto["raw"]
     med = {
         m: {
-            "wall_s": _median([r["wall_s"] for r in raw if r["method"] == m]),
+            "wall_s": median_or_none([r["wall_s"] for r in raw if r["method"] == m]),
             "n": sum(1 for r in raw if r["method"] == m),
         }
         for m in ("noop", *METHODS)
@@ -770,38 +750,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
                 ratios.setdefault(name, []).append(value)
     return {
         "benchmark": "restore",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "info": info,
         "loadavg_end": os.getloadavg(),
         "duration_s": time.time() - started,
         "rto": rto,
         "medians": med,
-        "ratios": {k: {"median": statistics.median(v), "rounds": v} for k, v in ratios.items()},
+        "ratios": ratio_medians(ratios),
         "exactness": exact,
     }
 
 
 def run(args: argparse.Namespace) -> dict[str, t.Any]:
-    """The registration API for benchmarks/run.py: run and return the results.
-
-    ``args`` may be run.py's namespace: options this benchmark has and it lacks take this
-    benchmark's defaults (``workdir``/``out`` are never taken from it).
-    """
-    merged = parse_args([])
-    for key, value in vars(args).items():
-        if hasattr(merged, key) and key not in ("workdir", "out"):
-            setattr(merged, key, value)
-    return run_bench(merged)
-
-
-def _fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{unit}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for h in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return [*out, ""]
+    """The registration API for benchmarks/run.py: run and return the results (``args`` may
+    be run.py's namespace, see :func:`benchlib.merge_args`)."""
+    return run_bench(merge_args(parse_args([]), args))
 
 
 def render(results: dict[str, t.Any]) -> str:
@@ -833,8 +796,8 @@ def render(results: dict[str, t.Any]) -> str:
         if med.get(m, {}).get("n"):
             exact = [r["exact"] for r in results["rto"]["raw"] if r["method"] == m and "exact" in r]
             shown = f"{sum(exact)}/{len(exact)}" if exact else "-"
-            rows.append([labels[m], str(med[m]["n"]), _fmt(med[m]["wall_s"]), shown])
-    lines += _table(["what", "n", "wall s (median)", "exact"], rows)
+            rows.append([labels[m], str(med[m]["n"]), fmt(med[m]["wall_s"]), shown])
+    lines += md_table(["what", "n", "wall s (median)", "exact"], rows)
 
     def r(key: str) -> float | None:
         return rat.get(key, {}).get("median")
@@ -843,16 +806,16 @@ def render(results: dict[str, t.Any]) -> str:
         return "-" if value is None else ("yes" if value <= limit else "**no**")
 
     lines += ["Time ratios (ours / baseline, < 1 is faster), median of per-round ratios:", ""]
-    lines += _table(
+    lines += md_table(
         ["ratio", "value", "target", "met"],
         [
-            ["role / cp restore", _fmt(r("role_vs_cp"), 2, "x"), "<= 1.15x",
+            ["role / cp restore", fmt(r("role_vs_cp"), 2, "x"), "<= 1.15x",
              ok(r("role_vs_cp"), 1.15)],
-            ["(role - no-op play) / cp restore", _fmt(r("role_minus_noop_vs_cp"), 2, "x"),
+            ["(role - no-op play) / cp restore", fmt(r("role_minus_noop_vs_cp"), 2, "x"),
              "-", "-"],
-            ["role / pgbackrest restore", _fmt(r("role_vs_pgbackrest"), 2, "x"), "<= 1.0x",
+            ["role / pgbackrest restore", fmt(r("role_vs_pgbackrest"), 2, "x"), "<= 1.0x",
              ok(r("role_vs_pgbackrest"), 1.0)],
-            ["pgbackrest / cp restore", _fmt(r("pgbackrest_vs_cp"), 2, "x"), "-", "-"],
+            ["pgbackrest / cp restore", fmt(r("pgbackrest_vs_cp"), 2, "x"), "-", "-"],
         ],
     )  # fmt: skip
     role_runs = [x for x in results["rto"]["raw"] if x["method"] == "role" and "tasks" in x]
@@ -878,27 +841,10 @@ def render(results: dict[str, t.Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _terminate(signum: int, frame: t.Any) -> None:
-    # Unwind through the finally blocks: stop pgbench and the scratch servers, remove files.
-    raise SystemExit(f"stopped by signal {signum}")
-
-
 def main(argv: t.Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    out = args.out or ROOT / "benchmarks" / "results" / time.strftime("restore-%Y%m%dT%H%M%S")
-    try:
-        results = run_bench(args)
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "restore.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    text = render(results)
-    (out / "restore.md").write_text(text)
-    print(text)
-    return 0
+    out = args.out or RESULTS / time.strftime("restore-%Y%m%dT%H%M%S")
+    return bench_main(lambda: run_bench(args), render, out, "restore")
 
 
 if __name__ == "__main__":

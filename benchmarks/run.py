@@ -14,11 +14,9 @@ run on the same WAL; the JSON keeps every raw sample.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,10 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import archive_bench as ab
-from benchlib import ROOT, SYSTEM_PYTHON, BenchError, ratio
+from benchlib import RESULTS, ROOT, SYSTEM_PYTHON, args_record, bench_main, md_table, ratio
 
 BENCHMARKS = ("drain", "latency", "startup", "compression", "stages")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
@@ -191,7 +188,7 @@ def run_all(args: argparse.Namespace) -> dict[str, t.Any]:
     started = time.time()
     results: dict[str, t.Any] = {
         "meta": machine_info(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": args_record(args),
     }
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pitr-bench-", dir="/var/tmp"))
     env = ab.setup_env(workdir, base_ref=args.base_ref)
@@ -249,12 +246,6 @@ def _f(value: t.Any, digits: int = 1) -> str:
 
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _column in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return [*out, ""]
 
 
 def render(results: dict[str, t.Any]) -> str:
@@ -392,7 +383,7 @@ def _targets(results: dict[str, t.Any]) -> list[str]:
         )
     if not rows:
         return []
-    return ["## Targets", "", *_table(["metric", "measured", "target", "met"], rows)]
+    return ["## Targets", "", *md_table(["metric", "measured", "target", "met"], rows)]
 
 
 def _latency(results: dict[str, t.Any]) -> list[str]:
@@ -428,7 +419,7 @@ def _latency(results: dict[str, t.Any]) -> list[str]:
         " than wall on a busy machine).",
         "",
     ]
-    out += _table(
+    out += md_table(
         [
             "tool",
             "n",
@@ -465,7 +456,7 @@ def _latency(results: dict[str, t.Any]) -> list[str]:
             " the only way to time basic_archive per segment, since it runs in the server.",
             "",
         ]
-        out += _table(
+        out += md_table(
             ["tool", "p50 ms", "p99 ms", "p50 / basic_archive", "p50 / pgbackrest zst-1"], rows
         )
     control = lat.get("variant:control")
@@ -519,7 +510,7 @@ def _latency(results: dict[str, t.Any]) -> list[str]:
             " installed code unchanged through the same wrapper.",
             "",
         ]
-        out += _table(
+        out += md_table(
             [
                 "variant",
                 "p50 ms",
@@ -597,7 +588,7 @@ def _drain(results: dict[str, t.Any]) -> list[str]:
         f" {described}",
         "",
     ]
-    out += _table(
+    out += md_table(
         [
             "tool",
             "segments",
@@ -633,7 +624,7 @@ def _startup(st: dict[str, t.Any]) -> list[str]:
         for name, c in cmds.items()
     ]
     out = [f"## 3. Interpreter start ({st['runs']} runs each, interleaved, as postgres)", ""]
-    out += _table(
+    out += md_table(
         [
             "command",
             "median ms",
@@ -653,7 +644,7 @@ def _startup(st: dict[str, t.Any]) -> list[str]:
             " could save at most:",
             "",
         ]
-        out += _table(
+        out += md_table(
             ["module", "extra CPU ms"],
             [
                 [f"`{name}`", _f(m["extra_cpu_ms_p50"])]
@@ -668,14 +659,14 @@ def _startup(st: dict[str, t.Any]) -> list[str]:
         " cumulative time, including the interpreter's own start-up modules):",
         "",
     ]
-    out += _table(
+    out += md_table(
         ["module", "cumulative ms", "self ms"],
         [
             [r["module"], _f(r["cumulative_us"] / 1000, 2), _f(r["self_us"] / 1000, 2)]
             for r in imp["top_level"]
         ],
     )
-    out += _table(
+    out += md_table(
         ["module (any depth), by self time", "self ms", "cumulative ms"],
         [
             [r["module"], _f(r["self_us"] / 1000, 2), _f(r["cumulative_us"] / 1000, 2)]
@@ -716,7 +707,7 @@ def _compression(comp: dict[str, t.Any]) -> list[str]:
                 _x(ratio(c["compress_mb_s_per_core"], base.get("compress_mb_s_per_core"))),
             ]
         )
-    out += _table(
+    out += md_table(
         [
             "codec",
             "compress MB/s per CPU-s",
@@ -747,31 +738,16 @@ def _stages(st: dict[str, t.Any]) -> list[str]:
         " several segments per process.",
         "",
     ]
-    return out + _table(["stage", "p50 ms", "p90 ms", "share of p50 total"], rows)
-
-
-def _terminate(signum: int, frame: t.Any) -> None:
-    # Unwind through the finally blocks: stop pgbench and the scratch server, remove files.
-    raise SystemExit(f"stopped by signal {signum}")
+    return out + md_table(["stage", "p50 ms", "p90 ms", "share of p50 total"], rows)
 
 
 def main(argv: t.Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
     out_dir = args.output_dir or RESULTS / time.strftime("%Y%m%dT%H%M%S")
-    try:
-        results = run_all(args)
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    markdown = render(results)
-    (out_dir / "results.md").write_text(markdown)
-    print(markdown)
-    print(f"results in {out_dir}", file=sys.stderr)
-    return 0
+    status = bench_main(lambda: run_all(args), render, out_dir, "results")
+    if status == 0:
+        print(f"results in {out_dir}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
