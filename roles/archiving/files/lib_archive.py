@@ -22,10 +22,12 @@ file, 15-55 s per run). Now:
     one. With ``--check`` nothing changes. Prints JSON: ``changed`` and the files ``added``,
     ``modified`` and ``removed``.
 
-``prune LIB_DIR KEEP [--check]`` (on the host)
-    removes leftovers of interrupted installs and the cached archives of other versions;
-    lists the other version trees, which it keeps (see ``prune``). Prints JSON: ``changed``,
-    ``removed``, ``kept``.
+``prune LIB_DIR KEEP [--keep-versions N] [--check]`` (on the host)
+    removes leftovers of interrupted installs (older than an hour) and the cached archives of
+    other versions; with ``--keep-versions N`` also the version trees beyond the newest N (by
+    install time; never KEEP nor the tree ``current`` points at), else it lists them and keeps
+    them (see ``prune``). Prints JSON: ``changed``, ``removed``, ``kept`` (and
+    ``removed_versions``, ``kept_versions`` with ``--keep-versions``).
 
 Standard library only; no Ansible import (it runs on hosts where only Python is installed).
 """
@@ -48,6 +50,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import typing as t
 
 PACKAGE = "ansible_collections/pitr/postgresql/plugins/module_utils"
@@ -312,24 +315,103 @@ def _install(
 
 # prune (host) ------------------------------------------------------------------------------
 
+# A temporary tree (.new-*, .old-*) younger than this may belong to an install running now
+# (another play on the same host): only older ones are leftovers of an interrupted install.
+LEFTOVER_AGE = 3600.0
 
-def prune(lib_dir: str, keep: str, check: bool) -> dict[str, t.Any]:
-    """Remove what no command can use: leftovers of interrupted installs (``.new-*``,
-    ``.old-*``) and the cached archives of other versions. Version trees other than ``keep``
-    are listed in ``kept``, never removed: the collection's launchers import through
-    ``current``, but nothing proves that no hand-written command (or another cluster's
-    configuration) on the host names one of them.
+
+def _current_target(lib_dir: str) -> str | None:
+    """The name of the version tree ``LIB_DIR/current`` points at (None: no such link)."""
+    link = os.path.join(lib_dir, "current")
+    if not os.path.islink(link):
+        return None
+    real = os.path.realpath(link)
+    if os.path.dirname(real) != os.path.realpath(lib_dir):
+        return None  # points elsewhere: no tree of lib_dir is protected by name alone
+    return os.path.basename(real)
+
+
+def _is_version_tree(path: str, name: str) -> bool:
+    """A tree this role installed: a real directory named like a version, with its record."""
+    return (
+        _VERSION_RE.match(name) is not None
+        and name != "current"
+        and not os.path.islink(path)
+        and os.path.isdir(path)
+        and read_record(path) is not None
+    )
+
+
+def versions_to_remove(
+    trees: t.Mapping[str, float], protected: t.Sequence[str], keep_versions: int
+) -> list[str]:
+    """The version trees beyond the newest ``keep_versions``, newest first.
+
+    ``trees`` maps each version tree to its mtime (its install time); the ``protected`` names
+    (the version just installed, the one ``current`` points at) are always kept and count
+    towards ``keep_versions``; the others are kept newest first (by mtime, not by name) until
+    there are ``keep_versions``.
+    """
+    if keep_versions < 1:
+        raise LibError(f"keep_versions must be at least 1 (got {keep_versions})")
+    protected_set = set(protected)
+    others = sorted(
+        (name for name in trees if name not in protected_set),
+        key=lambda name: (trees[name], name),
+        reverse=True,
+    )
+    room = max(0, keep_versions - len(protected_set))
+    return others[room:]
+
+
+def _remove_tree(lib_dir: str, name: str) -> None:
+    """Rename the tree aside first (one atomic step), then delete it: an interruption leaves a
+    ``.old-`` leftover, never a half-deleted tree under a version's name."""
+    aside = tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{name}-", dir=lib_dir)
+    os.rename(os.path.join(lib_dir, name), os.path.join(aside, "tree"))
+    shutil.rmtree(aside)
+
+
+def prune(
+    lib_dir: str,
+    keep: str,
+    check: bool,
+    keep_versions: int | None = None,
+    now: float | None = None,
+) -> dict[str, t.Any]:
+    """Remove what no command uses: leftovers of interrupted installs (``.new-*``, ``.old-*``
+    older than ``LEFTOVER_AGE``; younger ones may belong to an install running now) and the
+    cached archives of other versions.
+
+    Version trees (see ``_is_version_tree``) other than ``keep``: without ``keep_versions``
+    they are listed in ``kept``, never removed. With it (the role's task after ``current``
+    points at ``keep``) the trees beyond the newest ``keep_versions`` go (``versions_to_remove``):
+    ``keep`` is always kept, and so is the tree ``current`` points at (in check mode the link
+    is predicted to point at ``keep``, as the run would make it). Anything else (unknown names,
+    files, links) is never touched.
     """
     removed: list[str] = []
     kept: list[str] = []
+    result: dict[str, t.Any] = {"changed": False, "removed": removed, "kept": kept}
+    if keep_versions is not None:
+        result["removed_versions"] = []
+        result["kept_versions"] = []
+        if keep_versions < 1:
+            raise LibError(
+                f"pitr_install_keep_versions must be at least 1 (got {keep_versions}): the"
+                " version in use is always kept; set it to 1 or more"
+            )
     if not os.path.isdir(lib_dir):  # check mode before the first install
-        return {"changed": False, "removed": removed, "kept": kept}
+        return result
+    now = time.time() if now is None else now
+    trees: dict[str, float] = {}
     for name in sorted(os.listdir(lib_dir)):
         path = os.path.join(lib_dir, name)
         if os.path.islink(path) or name in ("current", keep):
             continue
         archive = ARCHIVE_RE.match(name)
-        leftover = name.startswith((NEW_PREFIX, OLD_PREFIX)) and os.path.isdir(path)
+        temporary = name.startswith((NEW_PREFIX, OLD_PREFIX)) and os.path.isdir(path)
+        leftover = temporary and now - os.lstat(path).st_mtime > LEFTOVER_AGE
         if (archive and archive[1] != keep and os.path.isfile(path)) or leftover:
             removed.append(name)
             if not check:
@@ -337,11 +419,28 @@ def prune(lib_dir: str, keep: str, check: bool) -> dict[str, t.Any]:
                     shutil.rmtree(path)
                 else:
                     os.unlink(path)
+        elif keep_versions is not None and _is_version_tree(path, name):
+            trees[name] = os.lstat(path).st_mtime
         elif os.path.isdir(path):
             kept.append(name)
+    if keep_versions is not None:
+        current = _current_target(lib_dir)
+        # After the role's link task, current is keep; in check mode it would be.
+        protected = [keep, current] if not check and current in trees else [keep]
+        going = versions_to_remove(trees, protected, keep_versions)
+        for name in going:
+            if not check:
+                _remove_tree(lib_dir, name)
+        staying = sorted((n for n in trees if n not in going), key=lambda n: (-trees[n], n))
+        result["removed_versions"] = going
+        result["kept_versions"] = [keep, *staying]
+        removed.extend(going)
+        kept.extend(staying)
+        kept.sort()
     if removed and not check:
         _fsync_dir(lib_dir)
-    return {"changed": bool(removed), "removed": removed, "kept": kept}
+    result["changed"] = bool(removed)
+    return result
 
 
 # command line ------------------------------------------------------------------------------
@@ -364,6 +463,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     p_prune = sub.add_parser("prune")
     p_prune.add_argument("lib_dir")
     p_prune.add_argument("keep")
+    p_prune.add_argument("--keep-versions", type=int, default=None)
     p_prune.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -372,7 +472,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         elif args.action == "install":
             result = install(args.lib_dir, args.version, args.archive, args.sha256, args.check)
         else:
-            result = prune(args.lib_dir, args.keep, args.check)
+            result = prune(args.lib_dir, args.keep, args.check, args.keep_versions)
     except (LibError, OSError) as exc:
         print(json.dumps({"failed": True, "msg": str(exc)}))
         return 1

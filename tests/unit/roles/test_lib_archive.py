@@ -228,12 +228,33 @@ def test_unexpected_members_are_refused(tmp_path: Path, name: str) -> None:
 # prune ----------------------------------------------------------------------------------------
 
 
+HOUR = 3600
+
+
+def aged(path: Path, seconds: float) -> Path:
+    """Give ``path`` an mtime ``seconds`` in the past."""
+    when = path.stat().st_mtime - seconds
+    os.utime(path, (when, when))
+    return path
+
+
+def version_tree(lib: Path, name: str, age: float = 0) -> Path:
+    """A version tree as the role installs it (its record makes it one), ``age`` seconds old."""
+    tree = lib / name
+    (tree / "ansible_collections").mkdir(parents=True)
+    (tree / ".pitr-lib.json").write_text('{"files": {}, "sha256": "x"}', encoding="utf-8")
+    return aged(tree, age)
+
+
 def test_prune_removes_leftovers_and_other_archives_but_keeps_other_versions(
     tmp_path: Path,
 ) -> None:
     lib = tmp_path / "lib"
     for name in ("0.1.0", "0.0.9", ".new-0.1.0-abc", ".old-0.1.0-def", "unrelated"):
         (lib / name).mkdir(parents=True)
+    aged(lib / ".new-0.1.0-abc", HOUR + 60)
+    aged(lib / ".old-0.1.0-def", HOUR + 60)
+    (lib / ".new-0.1.0-busy").mkdir()  # an install running now: left alone
     (lib / ".module_utils-0.0.9.tar.gz").write_bytes(b"old")
     (lib / ".module_utils-0.1.0.tar.gz").write_bytes(b"new")
     (lib / "current").symlink_to("0.1.0")
@@ -243,17 +264,134 @@ def test_prune_removes_leftovers_and_other_archives_but_keeps_other_versions(
         ".new-0.1.0-abc",
         ".old-0.1.0-def",
     ]
-    assert len(os.listdir(lib)) == 8
+    assert len(os.listdir(lib)) == 9
     result = lib_archive.prune(str(lib), "0.1.0", False)
-    assert result["changed"] is True and result["kept"] == ["0.0.9", "unrelated"]
+    assert result["changed"] is True
+    assert result["kept"] == [".new-0.1.0-busy", "0.0.9", "unrelated"]
     assert sorted(os.listdir(lib)) == [
         ".module_utils-0.1.0.tar.gz",
+        ".new-0.1.0-busy",
         "0.0.9",
         "0.1.0",
         "current",
         "unrelated",
     ]
     assert lib_archive.prune(str(lib), "0.1.0", False)["changed"] is False
+
+
+def test_versions_to_remove_orders_by_install_time_not_by_name() -> None:
+    trees = {"0.9.0": 300.0, "0.10.0": 100.0, "0.2.0": 200.0, "1.0.0": 50.0}
+    assert lib_archive.versions_to_remove(trees, ["2.0.0"], 2) == ["0.2.0", "0.10.0", "1.0.0"]
+    assert lib_archive.versions_to_remove(trees, ["2.0.0"], 3) == ["0.10.0", "1.0.0"]
+    assert lib_archive.versions_to_remove(trees, ["2.0.0"], 1) == [
+        "0.9.0",
+        "0.2.0",
+        "0.10.0",
+        "1.0.0",
+    ]
+    # Protected names are kept whatever their age, and take their place in the count.
+    assert lib_archive.versions_to_remove(trees, ["2.0.0", "1.0.0"], 2) == [
+        "0.9.0",
+        "0.2.0",
+        "0.10.0",
+    ]
+    assert lib_archive.versions_to_remove(trees, ["2.0.0", "1.0.0"], 1) == [
+        "0.9.0",
+        "0.2.0",
+        "0.10.0",
+    ]
+    assert lib_archive.versions_to_remove(trees, ["2.0.0"], 5) == []
+    with pytest.raises(lib_archive.LibError, match="at least 1"):
+        lib_archive.versions_to_remove(trees, ["2.0.0"], 0)
+
+
+def test_prune_keeps_the_newest_versions_and_never_what_is_not_a_version_tree(
+    tmp_path: Path,
+) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    version_tree(lib, "0.9.0", age=3 * HOUR)
+    version_tree(lib, "0.10.0", age=4 * HOUR)  # the greater version string, installed earlier
+    version_tree(lib, "0.3.0", age=2 * HOUR)
+    version_tree(lib, "1.0.0")
+    (lib / "current").symlink_to("1.0.0")
+    (lib / "local-patches").mkdir()
+    (lib / "0.0.1" / "ansible_collections").mkdir(parents=True)  # no record: not the role's
+    aged(lib / "0.0.1", 9 * HOUR)
+    (lib / "0.0.2").write_text("a file\n")
+    (lib / "0.0.3").symlink_to("0.10.0")
+    before = sorted(os.listdir(lib))
+
+    predicted = lib_archive.prune(str(lib), "1.0.0", True, keep_versions=2)
+    assert sorted(os.listdir(lib)) == before, "check mode removed something"
+    assert predicted["changed"] is True
+    assert predicted["removed_versions"] == ["0.9.0", "0.10.0"]
+    assert predicted["kept_versions"] == ["1.0.0", "0.3.0"]
+
+    result = lib_archive.prune(str(lib), "1.0.0", False, keep_versions=2)
+    assert result["removed_versions"] == predicted["removed_versions"]
+    assert result["removed"] == ["0.9.0", "0.10.0"]
+    assert result["kept_versions"] == ["1.0.0", "0.3.0"]
+    assert sorted(os.listdir(lib)) == [
+        "0.0.1",
+        "0.0.2",
+        "0.0.3",
+        "0.3.0",
+        "1.0.0",
+        "current",
+        "local-patches",
+    ]
+    assert lib_archive.prune(str(lib), "1.0.0", False, keep_versions=2)["changed"] is False
+    assert lib_archive.prune(str(lib), "1.0.0", False, keep_versions=1)["removed"] == ["0.3.0"]
+    assert sorted(os.listdir(lib)) == [
+        "0.0.1",
+        "0.0.2",
+        "0.0.3",
+        "1.0.0",
+        "current",
+        "local-patches",
+    ]
+
+
+def test_prune_never_removes_the_tree_current_points_at(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    version_tree(lib, "0.1.0", age=3 * HOUR)  # current: the oldest
+    version_tree(lib, "0.2.0", age=2 * HOUR)
+    version_tree(lib, "0.3.0", age=HOUR)
+    (lib / "current").symlink_to("0.1.0")
+    # Run by hand with another KEEP than current: both stay, whatever the count.
+    result = lib_archive.prune(str(lib), "0.3.0", False, keep_versions=1)
+    assert result["removed_versions"] == ["0.2.0"]
+    assert sorted(os.listdir(lib)) == ["0.1.0", "0.3.0", "current"]
+    assert (lib / "current").resolve() == lib / "0.1.0"
+
+
+def test_check_mode_predicts_current_pointing_at_the_new_version(tmp_path: Path) -> None:
+    """Before an upgrade to 0.3.0 (not installed yet in check mode), with one version kept."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    version_tree(lib, "0.1.0", age=2 * HOUR)
+    version_tree(lib, "0.2.0", age=HOUR)
+    (lib / "current").symlink_to("0.2.0")
+    predicted = lib_archive.prune(str(lib), "0.3.0", True, keep_versions=1)
+    assert predicted["removed_versions"] == ["0.2.0", "0.1.0"]
+    assert sorted(os.listdir(lib)) == ["0.1.0", "0.2.0", "current"]
+    two = lib_archive.prune(str(lib), "0.3.0", True, keep_versions=2)
+    assert two["removed_versions"] == ["0.1.0"] and two["kept_versions"] == ["0.3.0", "0.2.0"]
+
+
+def test_prune_refuses_fewer_than_one_version(tmp_path: Path, capsys: t.Any) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    version_tree(lib, "0.1.0")
+    assert lib_archive.main(["prune", str(lib), "0.2.0", "--keep-versions", "0"]) == 1
+    failure = json.loads(capsys.readouterr().out)
+    assert "pitr_install_keep_versions must be at least 1" in failure["msg"]
+    assert os.listdir(lib) == ["0.1.0"]
+    assert lib_archive.main(["prune", str(lib), "0.2.0", "--keep-versions", "1", "--check"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed_versions"] == ["0.1.0"]
+    assert os.listdir(lib) == ["0.1.0"]
 
 
 def test_command_line_prints_json_and_fails_with_a_message(tmp_path: Path, capsys: t.Any) -> None:
