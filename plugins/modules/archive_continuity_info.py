@@ -23,13 +23,8 @@ description:
     in RV(missing_history) and makes RV(continuous) false.
   - Reads only the repository listing and the history files; needs no database connection.
     Run it after M(pitr.postgresql.retention) or before a restore.
-options:
-  repository_path:
-    description:
-      - Path of the POSIX repository on the host where the module runs.
-    type: path
-    required: true
 extends_documentation_fragment:
+  - pitr.postgresql.repository
   - pitr.postgresql.connection.info_attributes
 notes:
   - Supports repositories of PostgreSQL 13 and later; tested with PostgreSQL 15.

@@ -19,11 +19,6 @@ description:
     directory), not from file modification times.
   - Reads only; reports backups being taken (RV(in_progress)) with their progress.
 options:
-  repository_path:
-    description:
-      - Path of the POSIX repository on the host where the module runs.
-    type: path
-    required: true
   label:
     description:
       - Only report this backup in RV(backups) (the window always considers all backups).
@@ -46,6 +41,7 @@ options:
       - Directory of C(pg_waldump). Default the newest installed PostgreSQL.
     type: path
 extends_documentation_fragment:
+  - pitr.postgresql.repository
   - pitr.postgresql.connection.info_attributes
 notes:
   - Supports repositories of PostgreSQL 13 and later; tested with PostgreSQL 15.

@@ -19,16 +19,12 @@ description:
     role waits. M(pitr.postgresql.backup_info) reports the same records beside the catalog.
   - Reads only.
 options:
-  repository_path:
-    description:
-      - Path of the POSIX repository on the host where the module runs.
-    type: path
-    required: true
   label:
     description:
       - Only report the backup with this label.
     type: str
 extends_documentation_fragment:
+  - pitr.postgresql.repository
   - pitr.postgresql.connection.info_attributes
 notes:
   - Supports repositories of PostgreSQL 13 and later; tested with PostgreSQL 15.

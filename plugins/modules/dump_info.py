@@ -14,11 +14,6 @@ description:
     restored (C(usable)), and the newest usable dump of each database.
   - Reads only the repository; connects to no server.
 options:
-  repository_path:
-    description:
-      - Path of the POSIX repository.
-    type: path
-    required: true
   label:
     description:
       - Return only the dump with this label.
@@ -28,6 +23,7 @@ options:
       - Return only the dumps of this database (V(globals) for the globals dumps).
     type: str
 extends_documentation_fragment:
+  - pitr.postgresql.repository
   - pitr.postgresql.connection.info_attributes
 notes:
   - Dumps being written (in C(staging/dumps/)) are listed by label in RV(in_progress); a dump
