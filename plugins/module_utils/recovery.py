@@ -1814,6 +1814,17 @@ def postmaster_pid(data_dir: str) -> int | None:
     return pid
 
 
+def postmaster_status(data_dir: str) -> str | None:
+    """The status line of ``postmaster.pid`` (``starting``, ``stopping``, ``ready``,
+    ``standby``: read-only connections), "" when the file has none yet, None without a file."""
+    try:
+        with open(os.path.join(data_dir, "postmaster.pid"), encoding="ascii") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, ValueError):
+        return None
+    return lines[7].strip() if len(lines) > 7 else ""
+
+
 def _read_json(path: str) -> dict[str, t.Any] | None:
     try:
         with open(path, encoding="utf-8") as fh:

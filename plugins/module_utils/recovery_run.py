@@ -100,7 +100,11 @@ def server_state(params: t.Mapping[str, t.Any]) -> dict[str, t.Any] | None:
 def observe(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
     """One look at the server (``p``: data_dir, log_file, log_offset, target, connection)."""
     pid = recovery.postmaster_pid(p["data_dir"])
-    server = server_state(p) if pid is not None else None
+    # Connect only once the postmaster says it accepts connections: every refused attempt
+    # costs the server log two lines ("not yet accepting connections"), ten times a second.
+    status = recovery.postmaster_status(p["data_dir"]) if pid is not None else None
+    accepting = status not in ("starting", "stopping")
+    server = server_state(p) if pid is not None and accepting else None
     text, size = read_log(p.get("log_file"), int(p.get("log_offset") or 0))
     log = recovery.parse_recovery_log(text)
     phase = recovery.recovery_phase(

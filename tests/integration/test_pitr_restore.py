@@ -680,6 +680,10 @@ def check_clone(source: Source, restores: dict[str, t.Any], name: str) -> list[i
     assert scalar(port, source.cluster.sockdir, "SHOW archive_mode") == "off"
     auto = Path(v["pitr_restore_data_dir"], "postgresql.auto.conf").read_text()
     assert "recovery_target" not in auto and "restore_command" not in auto
+    # The role watched the start through postmaster.pid: no refused connection in the log.
+    log = Path(v["pitr_restore_data_dir"] + ".pitr-restore.log").read_text(errors="replace")
+    assert "not yet accepting connections" not in log
+    assert "the database system is starting up" not in log
     # The WAL prefetch spool (pitr_restore_wal_prefetch, on by default) went with the restore.
     assert not Path(v["pitr_restore_data_dir"], "pg_wal", "pitr-prefetch").exists()
     return marker_ids(port, source.cluster.sockdir)

@@ -1093,3 +1093,13 @@ def test_parse_waldump_keeps_records_that_start_in_the_segment() -> None:
     assert len(summary.commit_times) == 2
     assert summary.last_record_lsn == 0x03013610
     assert recovery.parse_waldump("x", WALDUMP, 0x04000000, 0x05000000).commit_times == ()
+
+
+def test_postmaster_status_line(tmp_path: Path) -> None:
+    assert recovery.postmaster_status(str(tmp_path)) is None
+    pid_file = tmp_path / "postmaster.pid"
+    pid_file.write_text("4242\n/data\n1700000000\n5432\n/tmp\n*\n  1234 5\n")
+    assert recovery.postmaster_status(str(tmp_path)) == ""  # the status line not written yet
+    for status in ("starting", "standby", "ready", "stopping"):
+        pid_file.write_text(f"4242\n/data\n1700000000\n5432\n/tmp\n*\n  1234 5\n{status:<8}\n")
+        assert recovery.postmaster_status(str(tmp_path)) == status
