@@ -95,6 +95,44 @@ class PlaybookRun:
         return re.search(pattern, self.output) is not None
 
 
+def run_playbook(
+    playbook: str, inventory: Path, collections: Path, *, check: bool = False
+) -> PlaybookRun:
+    """``ansible-playbook -i INVENTORY PLAYBOOK`` (``--check --diff`` with ``check``) with the
+    collections under ``collections``."""
+    argv = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        "-i",
+        str(inventory),
+        playbook,
+    ]
+    if check:
+        argv += ["--check", "--diff"]
+    env = dict(os.environ)
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+            "ANSIBLE_COLLECTIONS_PATH": str(collections),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
+            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
+            "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        }
+    )
+    proc = subprocess.run(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return PlaybookRun(proc.returncode, proc.stdout)
+
+
 class RoleTarget:
     """A scratch cluster plus where the role puts the command and the repository."""
 
@@ -140,37 +178,7 @@ class RoleTarget:
             if fqcn
             else str(self.collection / "playbooks" / "setup_archiving.yml")
         )
-        argv = [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            str(self.inventory),
-            playbook,
-        ]
-        if check:
-            argv += ["--check", "--diff"]
-        env = dict(os.environ)
-        env.update(
-            {
-                "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-                "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-                "ANSIBLE_COLLECTIONS_PATH": str(self.collections),
-                "ANSIBLE_NOCOLOR": "1",
-                "ANSIBLE_FORCE_COLOR": "0",
-                "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-                "ANSIBLE_RETRY_FILES_ENABLED": "0",
-            }
-        )
-        proc = subprocess.run(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        return PlaybookRun(proc.returncode, proc.stdout)
+        return run_playbook(playbook, self.inventory, self.collections, check=check)
 
     # what the server and the disk say ----------------------------------------------------
     def start_time(self) -> t.Any:
@@ -429,3 +437,162 @@ def test_install_entry_point_documents_its_variables_with_the_role_defaults() ->
     for name, spec in options.items():
         assert spec.get("default") == defaults[name], name
         assert spec.get("description"), name
+
+
+# Keeping a bounded number of installed versions -------------------------------------------
+
+OLDER_VERSIONS = ("0.0.9", "0.0.10")  # installed in this order: by name, 0.0.9 sorts newer
+HOUR = 3600
+
+
+def versioned_collection(snapshot: Path, version: str, dest: Path) -> Path:
+    """A copy of the collection snapshot whose version.py says ``version``; returns the
+    collections directory. The role installs it exactly as it installs a real release."""
+    collection = dest / "ansible_collections" / "pitr" / "postgresql"
+    shutil.copytree(snapshot / "ansible_collections" / "pitr" / "postgresql", collection)
+    version_py = collection / "plugins" / "module_utils" / "version.py"
+    text = version_py.read_text(encoding="utf-8")
+    assert f'VERSION = "{VERSION}"' in text
+    version_py.write_text(text.replace(f'VERSION = "{VERSION}"', f'VERSION = "{version}"'))
+    return dest
+
+
+class InstallTarget:
+    """A scratch prefix that the ``install`` entry point (install_host_command.yml) fills."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.prefix = workdir / "prefix"
+        self.lib = self.prefix / "lib"
+        self.inventory = workdir / "inventory.yml"
+
+    def install(
+        self, collections: Path, *, check: bool = False, keep: int | str | None = None
+    ) -> PlaybookRun:
+        hostvars: dict[str, t.Any] = {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": HOST_PYTHON,
+            "pitr_install_prefix": str(self.prefix),
+            "archiving_install_packages": False,  # not what these tests are about
+        }
+        if keep is not None:
+            hostvars["pitr_install_keep_versions"] = keep
+        inventory = {"postgresql": {"hosts": {"localhost": hostvars}}}
+        self.inventory.write_text(json.dumps(inventory, indent=2), encoding="utf-8")
+        playbook = collections / "ansible_collections" / "pitr" / "postgresql" / "playbooks"
+        return run_playbook(
+            str(playbook / "install_host_command.yml"), self.inventory, collections, check=check
+        )
+
+    def listing(self) -> list[str]:
+        return sorted(p.name for p in self.lib.iterdir())
+
+    def current(self) -> str:
+        return os.readlink(self.lib / "current")
+
+    def version(self) -> subprocess.CompletedProcess[str]:
+        """``pitr-wal version`` as installed (through lib/current)."""
+        return subprocess.run(
+            [str(self.prefix / "bin" / "pitr-wal"), "version"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+
+def set_age(path: Path, seconds: float) -> None:
+    when = time.time() - seconds
+    os.utime(path, (when, when), follow_symlinks=False)
+
+
+@pytest.fixture
+def install_target() -> t.Iterator[InstallTarget]:
+    workdir = Path(tempfile.mkdtemp(prefix="pitr-install-"))
+    workdir.chmod(0o755)
+    yield InstallTarget(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def removal_task_changed(run: PlaybookRun) -> bool:
+    return any("Remove the installed versions beyond" in task for task in run.changed_tasks())
+
+
+@pytest.mark.timeout(900)  # six playbook runs
+def test_installs_keep_the_newest_versions_by_install_time(
+    install_target: InstallTarget, collection_snapshot: Path
+) -> None:
+    target, lib = install_target, install_target.lib
+    assert VERSION not in OLDER_VERSIONS
+    older = {
+        v: versioned_collection(collection_snapshot, v, target.workdir / f"collection-{v}")
+        for v in OLDER_VERSIONS
+    }
+
+    # Two older versions, installed by the role itself, one after the other.
+    for number, old in enumerate(OLDER_VERSIONS):
+        run = target.install(older[old])
+        assert run.rc == 0 and run.recap["failed"] == 0, run.output
+        assert target.current() == old
+        assert (target.version().returncode, target.version().stdout.strip()) == (0, old)
+        set_age(lib / old, (len(OLDER_VERSIONS) - number) * HOUR)  # install times, explicit
+        assert not removal_task_changed(run), run.output  # at most 2 so far
+    assert target.listing() == [".module_utils-0.0.10.tar.gz", "0.0.10", "0.0.9", "current"]
+
+    # What is not a version tree of the role stays: an unknown directory, a tree without the
+    # role's record, the temporary tree of an install running now. An hour-old temporary
+    # tree is a leftover of an interrupted install and goes.
+    (lib / "local-notes").mkdir()
+    shutil.copytree(lib / "0.0.9", lib / "0.0.1")
+    (lib / "0.0.1" / ".pitr-lib.json").unlink()
+    set_age(lib / "0.0.1", 5 * HOUR)
+    (lib / ".new-0.1.0-running").mkdir()
+    (lib / ".new-0.0.8-crashed").mkdir()
+    set_age(lib / ".new-0.0.8-crashed", 2 * HOUR)
+    before = target.listing()
+
+    # Check mode: reports what it would remove, removes nothing, the link stays.
+    run = target.install(collection_snapshot, check=True)
+    assert run.rc == 0 and run.recap["failed"] == 0, run.output
+    assert removal_task_changed(run), run.output
+    assert f"versions removed from {lib}: 0.0.9" in run.output, run.output
+    assert "leftovers removed: .module_utils-0.0.10.tar.gz, .new-0.0.8-crashed" in run.output, (
+        run.output
+    )
+    assert f"versions kept, newest first: {VERSION}, 0.0.10" in run.output, run.output
+    assert target.listing() == before
+    assert target.current() == "0.0.10"
+
+    # The newest version, for real: 0.0.9 (the older install, the greater name) goes.
+    run = target.install(collection_snapshot)
+    assert run.rc == 0 and run.recap["failed"] == 0, run.output
+    assert removal_task_changed(run), run.output
+    assert target.current() == VERSION
+    assert (target.version().returncode, target.version().stdout.strip()) == (0, VERSION)
+    assert target.listing() == [
+        f".module_utils-{VERSION}.tar.gz",
+        ".new-0.1.0-running",
+        "0.0.1",
+        "0.0.10",
+        VERSION,
+        "current",
+        "local-notes",
+    ]
+    # The tree before it is whole: a rollback by re-pointing the link works.
+    assert json.loads((lib / "0.0.10" / ".pitr-lib.json").read_text(encoding="utf-8"))["files"]
+
+    # Again: nothing to change.
+    run = target.install(collection_snapshot)
+    assert run.rc == 0 and run.recap["changed"] == 0, run.changed_tasks()
+
+    # One version kept: only the one in use stays, and it keeps working.
+    run = target.install(collection_snapshot, keep=1)
+    assert run.rc == 0 and removal_task_changed(run), run.output
+    assert "0.0.10" not in target.listing() and VERSION in target.listing()
+    assert (target.version().returncode, target.version().stdout.strip()) == (0, VERSION)
+
+    # Fewer than one: refused with the fix named, before anything changes.
+    before = target.listing()
+    run = target.install(collection_snapshot, keep=0)
+    assert run.rc != 0 and run.recap["failed"] == 1, run.output
+    assert "pitr_install_keep_versions (0) must be a whole number of at least 1" in run.output
+    assert target.listing() == before
