@@ -54,11 +54,6 @@ description:
     RV(continuity); in check mode, RV(continuity) describes the repository as the prune would
     leave it.
 options:
-  repository_path:
-    description:
-      - Path of the POSIX repository on the host where the module runs.
-    type: path
-    required: true
   redundancy:
     description:
       - Keep the newest this many usable base backups.
@@ -110,6 +105,7 @@ options:
     type: int
     default: 0
 extends_documentation_fragment:
+  - pitr.postgresql.repository
   - pitr.postgresql.connection
   - pitr.postgresql.connection.action_group
 attributes:

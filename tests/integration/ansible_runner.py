@@ -132,20 +132,31 @@ def run_playbook_file(
     (stdout and stderr together)."""
     inventory = workdir / "inventory.json"
     inventory.write_text(json.dumps({"postgresql": {"hosts": dict(hosts)}}))
-    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory)]
-    argv += [str(playbook)] + (["--check"] if check else [])
+    return run_as_user(
+        ["-i", str(inventory), str(playbook)] + (["--check"] if check else []), timeout=timeout
+    )
+
+
+def run_as_user(
+    args: t.Sequence[str], *, collections: str | None = None, timeout: float = 600
+) -> tuple[int, str]:
+    """``ansible-playbook ARGS`` as a user runs it: the checkout's ansible.cfg and the default
+    stdout callback, the collections under ``collections`` (default: this checkout); its exit
+    code and output (stdout and stderr together)."""
     env = dict(os.environ)
     env.update(
         {
             "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
             "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-            "ANSIBLE_COLLECTIONS_PATH": collections_path(),
+            "ANSIBLE_COLLECTIONS_PATH": collections or collections_path(),
             "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
             "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
+            "ANSIBLE_RETRY_FILES_ENABLED": "0",
         }
     )
     proc = subprocess.run(
-        argv,
+        [str(Path(sys.executable).parent / "ansible-playbook"), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

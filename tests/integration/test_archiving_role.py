@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ansible_runner import collections_path
+from ansible_runner import collections_path, run_as_user
 from pgcluster import PgCluster, give_to_server_user
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,37 +100,8 @@ def run_playbook(
 ) -> PlaybookRun:
     """``ansible-playbook -i INVENTORY PLAYBOOK`` (``--check --diff`` with ``check``) with the
     collections under ``collections``."""
-    argv = [
-        str(Path(sys.executable).parent / "ansible-playbook"),
-        "-i",
-        str(inventory),
-        playbook,
-    ]
-    if check:
-        argv += ["--check", "--diff"]
-    env = dict(os.environ)
-    env.update(
-        {
-            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-            "ANSIBLE_COLLECTIONS_PATH": str(collections),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_FORCE_COLOR": "0",
-            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-            "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        }
-    )
-    proc = subprocess.run(
-        argv,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    return PlaybookRun(proc.returncode, proc.stdout)
+    args = ["-i", str(inventory), playbook] + (["--check", "--diff"] if check else [])
+    return PlaybookRun(*run_as_user(args, collections=str(collections), timeout=240))
 
 
 class RoleTarget:
