@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -135,6 +136,19 @@ def run_playbook_file(
     return run_as_user(
         ["-i", str(inventory), str(playbook)] + (["--check"] if check else []), timeout=timeout
     )
+
+
+LOCALHOST_RECAP = re.compile(
+    r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
+)
+
+
+def recap(output: str) -> tuple[int, int, int, int]:
+    """ok, changed, unreachable and failed of the one host ``localhost`` in a PLAY RECAP."""
+    found = LOCALHOST_RECAP.findall(output)
+    assert len(found) == 1, output[-4000:]
+    ok, changed, unreachable, failed = (int(x) for x in found[0])
+    return ok, changed, unreachable, failed
 
 
 def run_as_user(

@@ -318,6 +318,14 @@ class PgCluster:
             return ["runuser", "-u", self.os_user, "--", *argv]
         return argv
 
+    def init_repository(self, program: str, repository: Path | str) -> None:
+        """``pitr-wal --repo REPOSITORY init --pgdata DATADIR`` as the server's user, as the
+        archiving role does: the repository's identity is this cluster's."""
+        self._run_as_owner(
+            ["/usr/bin/python3", "-I", "-S", str(program), "--repo", str(repository), "init",
+             "--pgdata", str(self.datadir)]
+        )  # fmt: skip
+
     def _run_as_owner(self, argv: list[str]) -> None:
         proc = subprocess.run(
             self._as_owner(argv), capture_output=True, text=True, check=False, cwd="/"

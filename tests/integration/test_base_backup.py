@@ -100,20 +100,7 @@ def env() -> t.Iterator[Env]:
             ],
         )
         # as the archiving role does: the repository's identity, written by the server's user
-        subprocess_run_as_owner(
-            cluster,
-            [
-                "/usr/bin/python3",
-                "-I",
-                "-S",
-                program,
-                "--repo",
-                str(repo_path),
-                "init",
-                "--pgdata",
-                str(cluster.datadir),
-            ],
-        )
+        cluster.init_repository(program, repo_path)
         cluster.switch_wal()
         yield Env(cluster, repo_path, Repository.open_posix(str(repo_path)))
     finally:

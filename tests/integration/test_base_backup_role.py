@@ -21,7 +21,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
-from ansible_runner import run_playbook_file
+from ansible_runner import recap, run_playbook_file
 from pgcluster import PgCluster, give_to_server_user
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,9 +34,6 @@ from tests.support.hostcmd_install import install_host_command  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="the role writes root-owned files and becomes postgres: run as root"
-)
-RECAP = re.compile(
-    r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
 )
 PASSWORD = "s3cret:with\\odd chars"
 
@@ -87,30 +84,11 @@ def target() -> t.Iterator[Target]:
         tgt.repository.mkdir()
         give_to_server_user(tgt.repository)
         program = install_host_command(workdir / "prefix", owner="postgres")
-        cluster._run_as_owner(
-            [
-                HOST_PYTHON,
-                "-I",
-                "-S",
-                program,
-                "--repo",
-                str(tgt.repository),
-                "init",
-                "--pgdata",
-                str(cluster.datadir),
-            ]
-        )
+        cluster.init_repository(program, tgt.repository)
         yield tgt
     finally:
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def recap(output: str) -> tuple[int, int, int, int]:
-    found = RECAP.findall(output)
-    assert len(found) == 1, output[-4000:]
-    ok, changed, unreachable, failed = (int(x) for x in found[0])
-    return ok, changed, unreachable, failed
 
 
 def test_role_check_then_backup_as_replication_role_then_idempotent(target: Target) -> None:

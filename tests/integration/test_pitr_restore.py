@@ -227,19 +227,7 @@ def source() -> t.Iterator[Source]:
     src: Source | None = None
     pgbench: subprocess.Popen[bytes] | None = None
     try:
-        run_as_postgres(
-            [
-                "/usr/bin/python3",
-                "-I",
-                "-S",
-                program,
-                "--repo",
-                str(repo),
-                "init",
-                "--pgdata",
-                str(cluster.datadir),
-            ]
-        )
+        cluster.init_repository(program, repo)
         cluster.start()
         sock, port = str(cluster.sockdir), str(cluster.port)
         pgbench_argv = [cluster.bin("pgbench"), "-h", sock, "-p", port, "-U", "postgres"]
@@ -994,10 +982,7 @@ def test_clone_of_a_cluster_configured_outside_its_data_directory() -> None:
     subprocess.run(["chown", "-R", "postgres:postgres", str(etc)], check=True)
     clones: list[Path] = []
     try:
-        run_as_postgres(
-            ["/usr/bin/python3", "-I", "-S", program, "--repo", str(repo), "init", "--pgdata",
-             str(cluster.datadir)]
-        )  # fmt: skip
+        cluster.init_repository(program, repo)
         run_as_postgres(
             [cluster.bin("pg_ctl"), "start", "-w", "-t", "60", "-D", str(etc),
              "-l", str(cluster.logfile)]

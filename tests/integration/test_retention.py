@@ -344,8 +344,7 @@ def world() -> t.Iterator[World]:
     )
     world: World | None = None
     try:
-        run_as_postgres(["/usr/bin/python3", "-I", "-S", program, "--repo", str(repo), "init",
-                         "--pgdata", str(cluster.datadir)])  # fmt: skip
+        cluster.init_repository(program, repo)
         cluster.start()
         cluster.sql("CREATE TABLE marker (id int PRIMARY KEY)")
         insert_markers(cluster, TL1_BEFORE_B1)
