@@ -15,6 +15,8 @@ Layout (keys in the storage)::
                                               dumps/<label>/ with its record when complete)
     pins/<kind>/<label>.json                  retention pins (kind: backups or dumps): a pinned
                                               backup or dump is never pruned
+    leases/restore/<id>.json                  restore leases (restore_lease.py): a restore in
+                                              progress; a prune keeps its backup and WAL
     locks/<name>.lock                         named locks (storage-level)
 
 Every archived WAL file is one object: an envelope (magic, header length, JSON header)
