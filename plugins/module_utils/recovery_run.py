@@ -102,8 +102,10 @@ def observe(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
     pid = recovery.postmaster_pid(p["data_dir"])
     # Connect only once the postmaster says it accepts connections: every refused attempt
     # costs the server log two lines ("not yet accepting connections"), ten times a second.
+    # A pid file without its status line yet is a postmaster still starting (PostgreSQL 10+
+    # writes the line; the restore's settings turn hot_standby on, so "standby" comes).
     status = recovery.postmaster_status(p["data_dir"]) if pid is not None else None
-    accepting = status not in ("starting", "stopping")
+    accepting = status in ("ready", "standby")
     server = server_state(p) if pid is not None and accepting else None
     text, size = read_log(p.get("log_file"), int(p.get("log_offset") or 0))
     log = recovery.parse_recovery_log(text)
