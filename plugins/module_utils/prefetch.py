@@ -27,7 +27,8 @@ Rules that keep PostgreSQL's restore contract (docs: postgres-contract.md, "Rest
   prefetcher only ever adds verified files, and skips (and logs) whatever fails.
 - The prefetcher works through directory file descriptors: when the data directory is moved
   away during a restore it keeps writing into the moved spool (which nobody reads), never into
-  a new directory at the old path; it exits when idle, stopped, or its spool is gone.
+  a new directory at the old path; it exits when idle (removing what nobody took), stopped,
+  or its spool is gone.
 
 Standard library only, and little of it on the foreground's path: ``threading`` is imported in
 the prefetcher only.
@@ -417,6 +418,14 @@ class Prefetcher:
             if len(fn) == 24 or fn[24:].startswith(TMP_MARK):
                 _unlink(self.dir_fd, fn)
 
+    def empty(self) -> int:
+        """Remove the spooled segments (and dead temp files), keeping the spool's own files; how
+        many segments. A foreground taking one at the same moment finds it gone and fetches it
+        directly."""
+        before = sum(1 for fn in os.listdir(self.dir_fd) if len(fn) == 24 and is_segment(fn))
+        self.tidy(set())
+        return before
+
     def round(self, want: str) -> None:
         """Fetch the missing segments of the window after ``want``, stopping at an absent one."""
         names = window(want, self.ahead, self.marker.segment_size)
@@ -499,8 +508,16 @@ def run(
     ahead: int,
     marker: Marker,
     idle_seconds: float = IDLE_SECONDS,
+    empty_when_idle: bool = True,
 ) -> int:
-    """The prefetcher's life: it holds the spool's lock (``lock_fd``, taken) until it ends."""
+    """The prefetcher's life: it holds the spool's lock (``lock_fd``, taken) until it ends.
+
+    Idle (PostgreSQL asked for nothing new for ``idle_seconds``), it removes the segments it
+    fetched and nobody took before it exits: recovery ended or stopped (a server paused at its
+    target and promoted by hand later, a failed restore), and nothing else would ever remove
+    them from ``pg_wal``. A recovery that asks again later fetches directly and starts a new
+    prefetcher. ``empty_when_idle`` False keeps them (tests that look at what was fetched).
+    """
     from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
 
     os.ftruncate(lock_fd, 0)
@@ -508,10 +525,19 @@ def run(
     threads = workers()
     log(f"prefetch: started (pid {os.getpid()}, {ahead} segment(s) ahead, {threads} thread(s))")
     p = Prefetcher(dir_fd, Repository.open_posix(repo_root), ahead, marker, threads)
+    idle = False
     try:
         why = p.loop(idle_seconds)
+        idle = why.startswith("idle")
     except Exception as exc:  # a repository that fails: the foreground fetches directly
         why = f"{type(exc).__name__}: {getattr(exc, 'msg', exc)}"
+    if idle and empty_when_idle:
+        try:
+            removed = p.empty()
+        except OSError as exc:
+            why += f"; cannot remove the unused segments ({exc.strerror})"
+        else:
+            why += f"; removed {removed} unused segment(s)" if removed else ""
     log(f"prefetch: stopped ({why})")
     return 0
 

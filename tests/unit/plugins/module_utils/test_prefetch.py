@@ -334,13 +334,20 @@ def test_advance_writes_want_and_starts_one_prefetcher(
 # the prefetcher, in this process
 
 
-def run_prefetcher(spool_dir: Path, repo: Path, ahead: int, idle: float = 0.3) -> str:
+def run_prefetcher(
+    spool_dir: Path, repo: Path, ahead: int, idle: float = 0.3, empty: bool = False
+) -> str:
+    """Run the prefetcher here until it exits; by default it keeps what it fetched when idle,
+    for the tests to look at (``empty``: as spawned, it removes it)."""
     dir_fd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY)
     lock_fd = prefetch._try_lock(dir_fd)
     assert lock_fd is not None
     marker = Marker((spool_dir / "repository").read_text())
     try:
-        assert prefetch.run(dir_fd, lock_fd, str(repo), ahead, marker, idle_seconds=idle) == 0
+        code = prefetch.run(
+            dir_fd, lock_fd, str(repo), ahead, marker, idle_seconds=idle, empty_when_idle=empty
+        )
+        assert code == 0
     finally:
         os.close(lock_fd)
         os.close(dir_fd)
@@ -372,6 +379,31 @@ def test_prefetcher_fills_the_window_and_stops_at_the_end_of_the_archive(
     err = capfd.readouterr().err
     assert "prefetch: started" in err
     assert "prefetch: stopped (idle for 0.3 s)" in err
+
+
+def test_prefetcher_idle_removes_the_segments_nobody_took(
+    repo: Path, spool_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Recovery ended (or stopped) after asking for segment 2: the prefetcher fetched 3 and 4,
+    # nobody asks for them, and nothing else would ever remove them from pg_wal.
+    archive_segments(repo, 2, 3, 4)
+    Spool.open(str(spool_dir), str(repo)).close()  # type: ignore[union-attr]
+    (spool_dir / "want").write_text(name(2) + "\n")
+    (spool_dir / f"{name(5)}.pitr-tmp.999999").write_bytes(b"x")  # a dead one's leftover
+    run_prefetcher(spool_dir, repo, ahead=2, idle=0.3, empty=True)
+    assert segments_in(spool_dir) == []
+    # the spool's own files stay: the next fetch of this recovery uses the spool as before
+    assert sorted(os.listdir(spool_dir)) == ["lock", "repository", "want"]
+    err = capfd.readouterr().err
+    assert "prefetch: stopped (idle for 0.3 s; removed 2 unused segment(s))" in err
+    # asked to stop (discard): the segments are discard()'s to remove, with the spool
+    (spool_dir / "want").write_text(name(2) + "\n")
+    run_prefetcher(spool_dir, repo, ahead=2, idle=0.3, empty=False)
+    assert segments_in(spool_dir) == [name(3), name(4)]
+    (spool_dir / "stop").touch()
+    run_prefetcher(spool_dir, repo, ahead=2, idle=600, empty=True)
+    assert segments_in(spool_dir) == [name(3), name(4)]
+    assert "prefetch: stopped (asked to stop)" in capfd.readouterr().err
 
 
 def test_prefetcher_skips_and_logs_a_corrupt_segment(
@@ -414,7 +446,7 @@ def test_prefetcher_stops_on_the_stop_file_and_when_its_spool_is_gone(
         if fn not in ("want", "lock", "repository"):
             os.unlink(moved / "pg_wal" / "pitr-prefetch" / fn)
     try:
-        prefetch.run(dir_fd, lock_fd, str(repo), 1, marker, idle_seconds=0.3)
+        prefetch.run(dir_fd, lock_fd, str(repo), 1, marker, idle_seconds=0.3, empty_when_idle=False)
     finally:
         os.close(lock_fd)
         os.close(dir_fd)
