@@ -13,16 +13,14 @@ removes the recovery settings and records the outcome in the restore's state fil
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import typing as t
-from datetime import UTC, datetime
 
 from ansible_collections.pitr.postgresql.plugins.module_utils import (
     recovery,
     recovery_conf,
-    runner,
+    restore_stage,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
 from ansible_collections.pitr.postgresql.plugins.module_utils.walfile import parse_lsn
@@ -48,13 +46,6 @@ def read_log(path: str | None, offset: int) -> tuple[str, int]:
             return fh.read().decode("utf-8", errors="replace"), size
     except OSError:
         return "", 0
-
-
-def log_size(path: str | None) -> int:
-    try:
-        return os.stat(path).st_size if path else 0
-    except OSError:
-        return 0
 
 
 def server_state(params: t.Mapping[str, t.Any]) -> dict[str, t.Any] | None:
@@ -227,41 +218,14 @@ def follow(
 
 
 # --------------------------------------------------------------------------------------------
-# The restore's state file and the server's programs
+# The restore's state file
 
 
 def record_state(
     data_dir: str, state: t.Mapping[str, t.Any], phase: str, **extra: t.Any
 ) -> dict[str, t.Any]:
-    """Write ``pitr_restore.json`` in ``data_dir`` with ``phase`` (atomically)."""
-    record = dict(state)
-    record.update(extra)
-    record["phase"] = phase
-    record["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-    text = json.dumps(record, indent=4, sort_keys=True) + "\n"
-    path = os.path.join(data_dir, recovery.STATE_FILE)
-    recovery_conf.write_atomic(path, text, mode=0o600, owner=recovery_conf.data_dir_owner(data_dir))
-    return record
-
-
-def pg_ctl(bindir: str, action: str, data_dir: str, *args: str) -> runner.CommandResult:
-    """Run pg_ctl (as the user this module runs as: the server's, never root)."""
-    argv = [os.path.join(bindir, "pg_ctl"), action, f"--pgdata={data_dir}", *args]
-    result = runner.run(argv, check=False, cwd="/", timeout=600)
-    if result.rc != 0:
-        raise RecoveryRunError(
-            f"pg_ctl {action} failed (exit {result.rc}): {result.stderr.strip()[-1000:]}",
-            cmd=result.cmd,
-            rc=result.rc,
-            stderr=result.stderr,
-        )
-    return result
-
-
-def start_with_pg_ctl(bindir: str, data_dir: str, log_file: str, options: str) -> list[str]:
-    """``pg_ctl start --no-wait``: the server accepts connections only once consistent, which
-    can take long; ``follow`` watches it from here. ``-l``: its output must not hold our pipe."""
-    args = [f"--log={log_file}", "--no-wait"]
-    if options:
-        args.append(f"--options={options}")
-    return pg_ctl(bindir, "start", data_dir, *args).cmd
+    """Write ``pitr_restore.json`` in ``data_dir`` with ``phase`` (atomically), owned as the
+    data directory is."""
+    return restore_stage.write_state(
+        data_dir, {**state, **extra}, phase, recovery_conf.data_dir_owner(data_dir)
+    )

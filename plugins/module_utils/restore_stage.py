@@ -22,11 +22,12 @@ import os
 import pwd
 import shutil
 import threading
+import time
 import typing as t
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ansible_collections.pitr.postgresql.plugins.module_utils import recovery_conf, runner
+from ansible_collections.pitr.postgresql.plugins.module_utils import pgctl, recovery_conf, runner
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
 
 STAGING_SUFFIX = ".pitr-staging"
@@ -161,6 +162,30 @@ def write_state(
     text = json.dumps(record, indent=4, sort_keys=True) + "\n"
     recovery_conf.write_atomic(os.path.join(directory, STATE_FILE), text, mode=0o600, owner=owner)
     return record
+
+
+def begin_recovery(
+    data_dir: str,
+    state: t.Mapping[str, t.Any],
+    log_file: str | None,
+    pg_ctl: tuple[str, str] | None,
+    owner: str | None = None,
+) -> tuple[dict[str, t.Any], dict[str, t.Any]]:
+    """Record phase ``recovering``, then, with ``pg_ctl`` (bin directory, options), start the
+    server with ``pg_ctl start --no-wait``: it replays while the caller moves on to following
+    it. ``owner``: the server's user, for a caller that runs as root (pg_ctl runs as it, the
+    state file is its); None: this process is the server's user. The state file says
+    ``recovering`` before the server can start, so an interruption in between is resumed by
+    the follow step, which starts it. Returns the record and ``{log_offset, cmd, started}``."""
+    offset = pgctl.log_size(log_file)
+    ids = _owner_ids(owner) if owner else recovery_conf.data_dir_owner(data_dir)
+    record = write_state(data_dir, state, "recovering", ids)
+    cmd: list[str] = []
+    if pg_ctl is not None:
+        if not log_file:
+            raise StageError("pg_ctl start needs the server log file", data_dir=data_dir)
+        cmd = pgctl.start_no_wait(pg_ctl[0], data_dir, log_file, pg_ctl[1], user=owner)
+    return record, {"log_offset": offset, "cmd": cmd, "started": time.time()}
 
 
 def _owner_ids(user: str) -> tuple[int, int]:

@@ -80,6 +80,32 @@ def command_env(env: t.Mapping[str, str] | None, *, stable: bool = True) -> dict
     return merged
 
 
+def as_user(user: str | None, cmd: list[str]) -> tuple[dict[str, t.Any], dict[str, str]]:
+    """Popen's identity arguments and the environment for running ``cmd`` as ``user``."""
+    if user is None:
+        return {}, {}
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise CommandError(f"cannot run {cmd[0]} as {user}: no such user", cmd=cmd) from None
+    if os.geteuid() == pw.pw_uid:
+        return {}, {}
+    if os.geteuid() != 0:
+        raise CommandError(
+            f"cannot run {cmd[0]} as {user}: this runs as uid {os.geteuid()}; run it as root or"
+            f" as {user}",
+            cmd=cmd,
+        )
+    identity = {
+        "user": pw.pw_uid,
+        "group": pw.pw_gid,
+        "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid),
+    }
+    return identity, {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
+
+
 def _split_lines(buffer: str) -> tuple[list[str], str]:
     """Complete lines (ended by \\n or \\r) and the unfinished rest."""
     lines: list[str] = []
@@ -120,8 +146,12 @@ def run(
     on_stderr_line: t.Callable[[str], None] | None = None,
     die_with_parent: bool = True,
     stable_env: bool = True,
+    user: str | None = None,
 ) -> CommandResult:
     """Run ``argv`` and wait for it.
+
+    ``user``: run it as that user (with its groups, ``HOME``, ``USER`` and ``LOGNAME``); needs
+    root, unless this process already runs as that user.
 
     Raises CommandError when the program cannot be started, when it runs longer than
     ``timeout`` seconds (the process group is killed), or, with ``check``, when it exits
@@ -130,6 +160,7 @@ def run(
     cmd = [str(a) for a in argv]
     if not cmd:
         raise CommandError("no command given", cmd=cmd)
+    identity, user_env = as_user(user, cmd)
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -137,9 +168,10 @@ def run(
             stdin=subprocess.PIPE if input_data is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=command_env(env, stable=stable_env),
+            env=command_env({**user_env, **(env or {})}, stable=stable_env),
             cwd=cwd,
             preexec_fn=_preexec(die_with_parent),
+            **identity,
         )
     except OSError as exc:
         raise CommandError(

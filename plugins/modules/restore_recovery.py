@@ -211,10 +211,12 @@ from datetime import UTC, datetime
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.pitr.postgresql.plugins.module_utils import (
+    pgctl,
     prefetch,
     recovery_conf,
     recovery_run,
     restore_lease,
+    restore_stage,
 )
 from ansible_collections.pitr.postgresql.plugins.module_utils.errors import PitrError
 from ansible_collections.pitr.postgresql.plugins.module_utils.postgres import (
@@ -324,7 +326,7 @@ def finish(
             # The server log says recovery paused at its end (the target): resuming ends it.
             recovery_run.resume_to_promote(p)
         elif r["phase"] == "paused":
-            recovery_run.pg_ctl(p["pg_bindir"], "promote", data_dir, "--wait", "--timeout=300")
+            pgctl.pg_ctl(p["pg_bindir"], "promote", data_dir, "--wait", "--timeout=300")
         promoted, _samples = recovery_run.follow(
             p, 60, until=("promoted", "failed", "stopped"), poll_seconds=0.05
         )
@@ -356,9 +358,7 @@ def finish(
                     recovery=promoted,
                 )
     elif p["target_action"] == "shutdown" and p["service_manager"] == "pg_ctl":
-        recovery_run.pg_ctl(
-            p["pg_bindir"], "stop", data_dir, "--mode=fast", "--wait", "--timeout=300"
-        )
+        pgctl.pg_ctl(p["pg_bindir"], "stop", data_dir, "--mode=fast", "--wait", "--timeout=300")
     if not promote:  # paused or shut down at the target: it fetches nothing until told
         discard_prefetch(module, data_dir)
     phase = {"promote": "completed", "pause": "paused", "shutdown": "shutdown"}[p["target_action"]]
@@ -418,14 +418,14 @@ def lease_done(module: AnsibleModule, state: t.Mapping[str, t.Any], action: str)
 
 def start(p: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
     """Record phase ``recovering``, then start the server when this module manages it."""
-    offset = recovery_run.log_size(p["log_file"])
-    recovery_run.record_state(p["data_dir"], p["state"], "recovering")
-    cmd: list[str] = []
-    if p["service_manager"] == "pg_ctl":
-        cmd = recovery_run.start_with_pg_ctl(
-            p["pg_bindir"], p["data_dir"], p["log_file"], p["pg_ctl_options"]
-        )
-    return {"log_offset": offset, "cmd": cmd, "started": time.time()}
+    manage = p["service_manager"] == "pg_ctl"
+    _record, started = restore_stage.begin_recovery(
+        p["data_dir"],
+        p["state"],
+        p["log_file"],
+        (p["pg_bindir"], p["pg_ctl_options"]) if manage else None,
+    )
+    return started
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ description:
   - With O(step=swap), moves the data directory aside to O(old_data_dir) (never deletes it; an
     empty one is removed with C(rmdir)) and renames the prepared staging directory into place.
     Each rename is done only when still needed, so a run interrupted between them resumes.
-  - Never starts or stops PostgreSQL; the pitr.postgresql.pitr_restore role stops it before.
+  - Never stops PostgreSQL (the pitr.postgresql.pitr_restore role stops it before); starts it
+    only with O(start), once the restored directory is in place.
 options:
   step:
     description:
@@ -83,6 +84,27 @@ options:
         returns C(swapped). Where a data directory exists, O(step=swap) moves it aside later.
     type: bool
     default: false
+  start:
+    description:
+      - With O(step=stage), when this call put the prepared directory in place
+        (O(swap_if_free)), record phase C(recovering) and start PostgreSQL with
+        C(pg_ctl start --no-wait) as O(owner), so that the server replays while the next
+        tasks run; returns RV(started). Otherwise nothing is started (RV(started) is not
+        returned) and M(pitr.postgresql.restore_recovery) starts it.
+    type: dict
+    suboptions:
+      pg_bindir:
+        description: The directory of the server's C(pg_ctl).
+        type: path
+        required: true
+      log_file:
+        description: The server log C(pg_ctl -l) writes to.
+        type: path
+        required: true
+      pg_ctl_options:
+        description: Options for the server (C(pg_ctl -o)).
+        type: str
+        default: ""
   lease:
     description:
       - With O(step=stage), take a restore lease in the repository first, so that a retention
@@ -191,6 +213,13 @@ state:
   returned: when O(step=stage)
   type: dict
   sample: {phase: prepared, backup: {label: 20261125T101500Z}}
+started:
+  description:
+    - The start of the server by O(start) - the server log's size before it (where this
+      start's lines begin), the pg_ctl command, and when (seconds since the epoch).
+  returned: when O(start) started the server
+  type: dict
+  sample: {log_offset: 0, cmd: [/usr/lib/postgresql/15/bin/pg_ctl, start], started: 1795646024.0}
 written_config:
   description: The configuration files written because the backup had none (O(standalone_config)).
   returned: when O(step=stage)
@@ -230,6 +259,14 @@ ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
     "old_data_dir": {"type": "str"},
     "full": {"type": "bool", "default": True},
     "swap_if_free": {"type": "bool", "default": False},
+    "start": {
+        "type": "dict",
+        "options": {
+            "pg_bindir": {"type": "path", "required": True},
+            "log_file": {"type": "path", "required": True},
+            "pg_ctl_options": {"type": "str", "default": ""},
+        },
+    },
     "lease": {
         "type": "dict",
         "options": {
@@ -312,10 +349,20 @@ def main() -> None:
         swap = restore_stage.plan_swap(p["data_dir"], None, True)
         try:
             restore_stage.swap(swap)
+            swapped = swap.changed
+            steps += swap.steps()
+            if swapped and p["start"]:
+                start = p["start"]
+                record, result["started"] = restore_stage.begin_recovery(
+                    p["data_dir"],
+                    record,
+                    start["log_file"],
+                    (start["pg_bindir"], start["pg_ctl_options"]),
+                    owner=p["owner"],
+                )
+                steps.append(f"start PostgreSQL on {p['data_dir']} (pg_ctl start --no-wait)")
         except PitrError as exc:
             module.fail_json(**exc.to_result())
-        swapped = swap.changed
-        steps += swap.steps()
     module.exit_json(
         changed=True,
         steps=steps,

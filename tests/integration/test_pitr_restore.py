@@ -712,6 +712,29 @@ def test_restore_recovers_exactly_the_markers_before_the_target(
     assert check_clone(source, restores, name) == want
 
 
+def test_a_copy_into_a_new_directory_is_started_by_the_staging_call(
+    restores: dict[str, t.Any],
+) -> None:
+    # With pg_ctl, the staging call that puts a copy into a new directory in place also starts
+    # the server, which replays while the next tasks run; the follow calls only watch it.
+    for name in EXPECTED:
+        run: HostRun = restores["runs"][name]
+        staged = run.task("stage | Lay the backup down")
+        assert staged["swapped"] is True, name
+        cmd = staged["started"]["cmd"]
+        assert cmd[1] == "start" and "--no-wait" in cmd, (name, cmd)
+        follows = [
+            r for n, r in run.tasks if n.startswith("follow | Follow") and not r.get("skipped")
+        ]
+        assert follows and all("cmd" not in r for r in follows), (name, follows)
+    # Where a directory was (an occupied clone directory), the staging call does not start
+    # anything: the swap moves the directory aside first, then the follow step starts it.
+    corrupt: HostRun = restores["runs"]["corrupt"]
+    staged = corrupt.task("stage | Lay the backup down")
+    assert staged["swapped"] is False and "started" not in staged
+    assert corrupt.task("swap | Put the restored data directory in place")["changed"] is True
+
+
 def test_exclusive_and_inclusive_differ_by_the_marker_at_the_target(
     source: Source, restores: dict[str, t.Any]
 ) -> None:

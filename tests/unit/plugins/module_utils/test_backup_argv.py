@@ -304,6 +304,31 @@ def test_runner_failure_carries_cmd_rc_stderr() -> None:
     assert runner.run(cmd, check=False).rc == 3
 
 
+def test_runner_as_another_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import pwd
+
+    code = "import os; print(os.getuid(), os.getgid(), os.environ['HOME'], os.environ['USER'])"
+    nobody = pwd.getpwnam("nobody")
+    if os.geteuid() == 0:
+        res = runner.run([sys.executable, "-c", code], user="nobody", cwd="/")
+        assert res.stdout.split() == [
+            str(nobody.pw_uid),
+            str(nobody.pw_gid),
+            nobody.pw_dir,
+            "nobody",
+        ]
+    # as that user already: nothing to switch; as anyone else but root: refused, clearly
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert runner.as_user(me, ["x"]) == ({}, {})
+    assert runner.as_user(None, ["x"]) == ({}, {})
+    monkeypatch.setattr(os, "geteuid", lambda: nobody.pw_uid + 1)
+    with pytest.raises(CommandError, match=r"cannot run pg_ctl as nobody: .*run it as root or as"):
+        runner.run(["pg_ctl"], user="nobody")
+    with pytest.raises(CommandError, match="cannot run pg_ctl as no-such-user: no such user"):
+        runner.run(["pg_ctl"], user="no-such-user")
+
+
 def test_runner_timeout_kills() -> None:
     with pytest.raises(CommandError, match=r"did not finish within 0\.5 seconds"):
         runner.run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
