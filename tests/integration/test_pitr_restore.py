@@ -641,12 +641,10 @@ def restores(source: Source) -> dict[str, t.Any]:
         },
     }
     host_vars = {name: source.clone_vars(name, **v) for name, v in hosts.items()}
-    started = time.monotonic()
     runs = run_restores(host_vars)
     return {
         "runs": runs,
         "vars": host_vars,
-        "seconds": time.monotonic() - started,
         "corrupt_segment": corrupt_segment,
         "occupied": occupied,
     }
@@ -891,11 +889,6 @@ def test_restore_leases_are_dropped_once_promoted_or_failed(
     assert held == []
     corrupt_repo = Path(restores["vars"]["corrupt"]["pitr_repository_path"])
     assert held_leases(corrupt_repo, restores) == []
-
-
-def test_parallel_restores_stay_fast(restores: dict[str, t.Any]) -> None:
-    # Twelve restores (nine promoted clones, one paused, two failures) in one run on two cores.
-    assert restores["seconds"] < 300, restores["seconds"]
 
 
 # --------------------------------------------------------------------------------------------
