@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,12 @@ TAR = {
 
 def test_unpack_commands_tar_with_compression_and_wal() -> None:
     base, wal = restore_stage.unpack_commands(TAR, "/d.pitr-staging")
-    assert base[:5] == [
+    assert base[:7] == [
         "tar",
         "--extract",
         "--no-same-owner",
+        "--blocking-factor=256",
+        "--read-full-records",
         "--file",
         "/repo/backups/b1/base.tar.zst",
     ]
@@ -37,6 +41,44 @@ def test_unpack_commands_tar_with_compression_and_wal() -> None:
     assert base[base.index("--exclude") + 1] == restore_stage.STATE_FILE
     assert wal[wal.index("--directory") + 1] == "/d.pitr-staging/pg_wal"
     assert not any(a.startswith("--use-compress-program") for a in wal)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_unpack_commands_read_archives_of_any_record_padding(
+    tmp_path: Path, compressed: bool
+) -> None:
+    # pg_basebackup's tar ends after its two zero blocks, not at a 10 KiB (or 128 KiB) record
+    # boundary; tar's larger records, through a pipe from the decompressor or not, must still
+    # read every member and exit 0.
+    src = tmp_path / "src"
+    (src / "base" / "1").mkdir(parents=True)
+    files = {
+        "PG_VERSION": b"15\n",
+        "backup_label": b"START WAL LOCATION: 0/2000028\n",
+        "base/1/16384": bytes(range(256)) * 4099,  # 1 MB and a bit: several records
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    tar = tmp_path / "base.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as archive:
+        for name in files:
+            archive.add(src / name, arcname=name)
+    raw = tar.read_bytes().rstrip(b"\0")
+    end = -(-len(raw) // 512) * 512 + 1024  # the last member, then exactly two zero blocks
+    tar.write_bytes(raw.ljust(end, b"\0"))
+    assert tar.stat().st_size % 10240 != 0
+    layout = {"format": "tar", "base": "base.tar", "decompress": None}
+    if compressed:
+        subprocess.run(["zstd", "-q", "--rm", str(tar)], check=True)
+        layout = {"format": "tar", "base": "base.tar.zst", "decompress": "zstd -d"}
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    backup = {"label": "b", "path": str(tmp_path), "layout": layout}
+    (argv,) = restore_stage.unpack_commands(backup, str(staging))
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    for name, data in files.items():
+        assert (staging / name).read_bytes() == data
 
 
 def test_unpack_commands_plain_and_unknown() -> None:
