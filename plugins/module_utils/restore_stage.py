@@ -157,6 +157,7 @@ def plan_stage(request: StageRequest) -> list[str]:
     if request.clone_settings:
         steps.append(f"write the clone settings {dict(request.clone_settings)}")
     steps.append(f"write the recovery settings {dict(request.settings)} and recovery.signal")
+    steps.append(f"write everything in {staging} out to disk (syncfs)")
     steps.append("record phase prepared")
     return steps
 
@@ -227,6 +228,91 @@ def _mkdir(path: str, mode: int, owner: tuple[int, int]) -> None:
         os.chown(path, *owner)
 
 
+FLUSH_INTERVAL = 0.05
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2): write out the file system that holds ``fd`` and wait for it. OSError when it
+    fails (Linux 5.8+ reports writeback errors) or is not there (ENOSYS)."""
+    import ctypes
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        raise OSError(errno.ENOSYS, "syncfs is not available") from None
+    if call(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class Flusher:
+    """While the backup is unpacked, write what tar wrote out to disk every ``interval``
+    seconds (syncfs of the staging directory's file system, in a thread): the writeback runs
+    alongside the decompression instead of after it, where ``durable`` (and PostgreSQL's own
+    fsync of the data directory at start) would wait for all of it. Best effort: a failure
+    here only ends the flushing; ``durable`` reports errors."""
+
+    def __init__(self, path: str, interval: float = FLUSH_INTERVAL) -> None:
+        self.path, self.interval = path, interval
+        self.done = threading.Event()
+        self.flushes = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            while not self.done.wait(self.interval):
+                _syncfs(fd)
+                self.flushes += 1
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> Flusher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def durable(path: str) -> None:
+    """Make everything under ``path`` durable before the state file says ``prepared``: the
+    data directory is renamed into place next, and a crash after that must not leave files
+    there whose contents never reached the disk (a re-run would resume recovery on them).
+    syncfs of its file system; where there is none, fsync of every file and directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _syncfs(fd)
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+        finally:
+            os.close(fd)
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _fsync_dir(root)
+    except OSError as exc:
+        raise StageError(
+            f"cannot write the laid-down backup in {path} to disk: {exc.strerror or exc}. The"
+            " data directory was not touched; the next run removes the unfinished staging"
+            " directory and starts over.",
+            path=path,
+        ) from exc
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -262,13 +348,14 @@ def stage(request: StageRequest) -> dict[str, t.Any]:
             results[i] = exc
 
     helpers = [threading.Thread(target=unpack, args=(i,)) for i in range(1, len(commands))]
-    for helper in helpers:
-        helper.start()
-    try:
-        unpack(0)
-    finally:
+    with Flusher(staging):
         for helper in helpers:
-            helper.join()
+            helper.start()
+        try:
+            unpack(0)
+        finally:
+            for helper in helpers:
+                helper.join()
     for argv, result in zip(commands, results, strict=True):
         if isinstance(result, PitrError):
             raise result
@@ -311,6 +398,7 @@ def stage(request: StageRequest) -> dict[str, t.Any]:
     recovery_conf.apply(
         staging, recovery_conf.plan_present(staging, "recovery", request.settings, "recovery")
     )
+    durable(staging)
     record = write_state(staging, request.state, "prepared", owner)
     record["written_config"] = written_config
     return record

@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,58 @@ def test_unpack_commands_plain_and_unknown() -> None:
     ]
     with pytest.raises(restore_stage.StageError, match="no layout"):
         restore_stage.unpack_commands({"label": "x", "path": "/r", "layout": {}}, "/s")
+
+
+def test_flusher_writes_out_while_the_unpack_runs(tmp_path: Path) -> None:
+    with restore_stage.Flusher(str(tmp_path), interval=0.01) as flusher:
+        (tmp_path / "f").write_bytes(b"x" * 65536)
+        deadline = time.monotonic() + 60
+        while flusher.flushes < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert flusher.flushes >= 2  # real syncfs calls, one after another
+    assert not flusher.thread.is_alive()
+    done = flusher.flushes
+    time.sleep(0.05)
+    assert flusher.flushes == done  # stopped with the unpack
+
+
+def test_flusher_stops_quietly_and_durable_reports_a_failed_writeback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(restore_stage, "_syncfs", eio)
+    with restore_stage.Flusher(str(tmp_path), interval=0.01) as flusher:
+        flusher.thread.join(timeout=60)  # it ends by itself on the first error
+        assert not flusher.thread.is_alive()
+    with pytest.raises(restore_stage.StageError, match=r"to disk: Input/output error\. The data"):
+        restore_stage.durable(str(tmp_path))
+
+
+def test_durable_fsyncs_every_file_and_directory_without_syncfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "base" / "1").mkdir(parents=True)
+    for name in ("PG_VERSION", "base/1/16384", "base/1/16385"):
+        (tmp_path / name).write_bytes(b"x")
+
+    def nosys(fd: int) -> None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(restore_stage, "_syncfs", nosys)
+    monkeypatch.setattr(os, "fsync", fsync)
+    restore_stage.durable(str(tmp_path))
+    want = {str(tmp_path / n) for n in ("PG_VERSION", "base/1/16384", "base/1/16385")}
+    want |= {str(tmp_path), str(tmp_path / "base"), str(tmp_path / "base" / "1")}
+    assert set(synced) == want
 
 
 def test_plan_swap_moves_aside_then_puts_in_place(tmp_path: Path) -> None:
