@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = "ansible_collections.pitr.postgresql.plugins.module_utils.walfile"
 
@@ -70,3 +72,17 @@ def _make_importable() -> None:
 
 
 _make_importable()
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths os.fsync is called on from here on, in order (the real fsync still runs)."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return paths

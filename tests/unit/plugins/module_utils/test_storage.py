@@ -282,16 +282,9 @@ def test_duplicate_put_leaves_the_file_untouched_and_no_temp(posix: PosixStorage
 
 
 def test_put_fsyncs_file_and_directory_before_returning(
-    posix: PosixStorage, monkeypatch: pytest.MonkeyPatch
+    posix: PosixStorage, fsynced: list[str]
 ) -> None:
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = fsynced
     posix.put(KEY, b"payload")
     final_dir = os.path.dirname(posix.path(KEY))
     temp_files = [p for p in synced if os.path.basename(p).startswith(storage_mod.TEMP_PREFIX)]
