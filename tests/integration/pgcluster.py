@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -43,11 +44,40 @@ DEFAULT_OS_USER = "postgres"
 SUPERUSER = "postgres"
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Below the kernel's ephemeral range, so that no outgoing connection takes it before the
+    server binds it (a port from bind(0) is in that range: a clone once failed with "could not
+    create any TCP/IP sockets"), and never one this process handed out before (twelve clones
+    of one run must not share one).
+    """
+    low = max(1025, min(_ephemeral_low(), 65536) - 12000)
+    high = min(_ephemeral_low(), 65536)
+    rng = random.Random()
+    for _attempt in range(2000):
+        port = rng.randrange(low, high)
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 between {low} and {high}")
 
 
 class PgClusterError(RuntimeError):
