@@ -27,8 +27,8 @@ Rules that keep PostgreSQL's restore contract (docs: postgres-contract.md, "Rest
   prefetcher only ever adds verified files, and skips (and logs) whatever fails.
 - The prefetcher works through directory file descriptors: when the data directory is moved
   away during a restore it keeps writing into the moved spool (which nobody reads), never into
-  a new directory at the old path; it exits when idle (removing what nobody took), stopped,
-  or its spool is gone.
+  a new directory at the old path; it exits when idle (removing what nobody took once recovery
+  is over), stopped, or its spool is gone.
 
 Standard library only, and little of it on the foreground's path: ``threading`` is imported in
 the prefetcher only.
@@ -360,14 +360,20 @@ def spawn(dir_fd: int, lock_fd: int, repo_root: str, ahead: int, marker: Marker)
             os.dup2(null, 0)
             os.dup2(null, 1)
             os.close(null)
+            # The data directory: restore_command runs in it (a later look for recovery.signal).
+            try:
+                data_fd: int | None = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                data_fd = None
             # Only the spool's descriptors: nothing else the server let restore_command inherit.
+            keep = sorted({dir_fd, lock_fd} | ({data_fd} if data_fd is not None else set()))
             low = 3
-            for fd in sorted((dir_fd, lock_fd)):
+            for fd in keep:
                 os.closerange(low, fd)
                 low = fd + 1
             os.closerange(low, 1 << 20)
             os.chdir("/")
-            code = run(dir_fd, lock_fd, repo_root, ahead, marker)
+            code = run(dir_fd, lock_fd, repo_root, ahead, marker, data_dir_fd=data_fd)
     except BaseException as exc:
         log(f"prefetch FAILED: unexpected {type(exc).__name__}: {exc}")
     finally:
@@ -501,6 +507,14 @@ class Prefetcher:
             time.sleep(POLL_SECONDS)
 
 
+def _recovering(data_dir_fd: int) -> bool:
+    """Whether the data directory still asks for recovery (or cannot be looked at)."""
+    try:
+        return any(_exists(data_dir_fd, n) for n in ("recovery.signal", "standby.signal"))
+    except OSError:
+        return True
+
+
 def run(
     dir_fd: int,
     lock_fd: int,
@@ -508,15 +522,17 @@ def run(
     ahead: int,
     marker: Marker,
     idle_seconds: float = IDLE_SECONDS,
-    empty_when_idle: bool = True,
+    data_dir_fd: int | None = None,
 ) -> int:
     """The prefetcher's life: it holds the spool's lock (``lock_fd``, taken) until it ends.
 
-    Idle (PostgreSQL asked for nothing new for ``idle_seconds``), it removes the segments it
-    fetched and nobody took before it exits: recovery ended or stopped (a server paused at its
-    target and promoted by hand later, a failed restore), and nothing else would ever remove
-    them from ``pg_wal``. A recovery that asks again later fetches directly and starts a new
-    prefetcher. ``empty_when_idle`` False keeps them (tests that look at what was fetched).
+    Idle (PostgreSQL asked for nothing new for ``idle_seconds``) in a data directory
+    (``data_dir_fd``: where restore_command ran) that has neither ``recovery.signal`` nor
+    ``standby.signal`` any more, recovery is over: it removes the segments it fetched and
+    nobody took before it exits, as nothing else would ever remove them from ``pg_wal`` (a
+    server paused at its target and promoted by hand later fetches the last segment again,
+    which starts a prefetcher). While recovery goes on (a slow segment, a pause), they stay for
+    the next fetch, as without a data directory to look at.
     """
     from ansible_collections.pitr.postgresql.plugins.module_utils.repository import Repository
 
@@ -531,7 +547,7 @@ def run(
         idle = why.startswith("idle")
     except Exception as exc:  # a repository that fails: the foreground fetches directly
         why = f"{type(exc).__name__}: {getattr(exc, 'msg', exc)}"
-    if idle and empty_when_idle:
+    if idle and data_dir_fd is not None and not _recovering(data_dir_fd):
         try:
             removed = p.empty()
         except OSError as exc:

@@ -256,6 +256,47 @@ def test_restore_replays_the_archive_through_prefetch(source: Source, program: s
         clone.destroy()
 
 
+def test_segments_nobody_took_go_once_recovery_is_over(source: Source, program: str) -> None:
+    # A restore that stops early (recovery_target immediate) and promotes by itself: the
+    # segments prefetched past its end are never asked for. Nobody discards the spool here (as
+    # when a server left paused is promoted by hand): the prefetcher removes them itself once
+    # idle, because recovery.signal is gone.
+    restore_command = hostcmd.restore_command_for(
+        program=program, repo=str(source.repo), prefetch=4
+    )
+    clone = PgCluster(new_dir("pitr-prefetch-early-"))
+    try:
+        clone.sockdir.mkdir()
+        give_to_server_user(clone.sockdir)
+        shutil.copytree(source.backup, clone.datadir, symlinks=True)
+        chown_tree(clone.datadir)
+        os.chmod(clone.datadir, 0o700)
+        clone.append_conf(
+            {
+                "port": str(clone.port),
+                "unix_socket_directories": pg_quote(str(clone.sockdir)),
+                "archive_mode": "off",
+                "restore_command": pg_quote(restore_command),
+                "recovery_target": "'immediate'",
+                "recovery_target_action": "'promote'",
+            }
+        )
+        (clone.datadir / "recovery.signal").touch()
+        give_to_server_user(clone.datadir / "recovery.signal")
+        clone.start(timeout=300)
+        clone.wait_for("SELECT pg_is_in_recovery()", False, timeout=300)
+        assert not (clone.datadir / "recovery.signal").exists()
+        pattern = re.compile(r"prefetch: stopped \(idle for 10 s; removed ([0-9]+) unused segment")
+        found = wait_until(
+            lambda: pattern.search(clone.log_text()), 120, "the idle prefetcher to clean up"
+        )
+        assert int(found.group(1)) >= 1, clone.log_text()
+        spool = clone.datadir / "pg_wal" / "pitr-prefetch"
+        assert [n for n in os.listdir(spool) if SEGMENT_RE.match(n)] == []
+    finally:
+        clone.destroy()
+
+
 # ---------------------------------------------------------------------------------------------
 # the restore contract with prefetch on
 

@@ -335,22 +335,25 @@ def test_advance_writes_want_and_starts_one_prefetcher(
 
 
 def run_prefetcher(
-    spool_dir: Path, repo: Path, ahead: int, idle: float = 0.3, empty: bool = False
+    spool_dir: Path, repo: Path, ahead: int, idle: float = 0.3, data_dir: Path | None = None
 ) -> str:
-    """Run the prefetcher here until it exits; by default it keeps what it fetched when idle,
-    for the tests to look at (``empty``: as spawned, it removes it)."""
+    """Run the prefetcher here until it exits. Without ``data_dir`` (where restore_command
+    ran, as spawned) it keeps what it fetched when idle, for the tests to look at."""
     dir_fd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY)
+    data_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY) if data_dir else None
     lock_fd = prefetch._try_lock(dir_fd)
     assert lock_fd is not None
     marker = Marker((spool_dir / "repository").read_text())
     try:
         code = prefetch.run(
-            dir_fd, lock_fd, str(repo), ahead, marker, idle_seconds=idle, empty_when_idle=empty
+            dir_fd, lock_fd, str(repo), ahead, marker, idle_seconds=idle, data_dir_fd=data_fd
         )
         assert code == 0
     finally:
         os.close(lock_fd)
         os.close(dir_fd)
+        if data_fd is not None:
+            os.close(data_fd)
     return (spool_dir / "lock").read_text()
 
 
@@ -381,27 +384,35 @@ def test_prefetcher_fills_the_window_and_stops_at_the_end_of_the_archive(
     assert "prefetch: stopped (idle for 0.3 s)" in err
 
 
-def test_prefetcher_idle_removes_the_segments_nobody_took(
+def test_prefetcher_idle_after_recovery_removes_the_segments_nobody_took(
     repo: Path, spool_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    # Recovery ended (or stopped) after asking for segment 2: the prefetcher fetched 3 and 4,
-    # nobody asks for them, and nothing else would ever remove them from pg_wal.
+    data = spool_dir.parent.parent  # restore_command runs in the data directory
     archive_segments(repo, 2, 3, 4)
     Spool.open(str(spool_dir), str(repo)).close()  # type: ignore[union-attr]
     (spool_dir / "want").write_text(name(2) + "\n")
     (spool_dir / f"{name(5)}.pitr-tmp.999999").write_bytes(b"x")  # a dead one's leftover
-    run_prefetcher(spool_dir, repo, ahead=2, idle=0.3, empty=True)
+    # Still recovering (a slow segment, a pause at the target): idle, it keeps them for the
+    # next fetch.
+    for signal_file in ("recovery.signal", "standby.signal"):
+        (data / signal_file).touch()
+        run_prefetcher(spool_dir, repo, ahead=2, idle=0.3, data_dir=data)
+        assert segments_in(spool_dir) == [name(3), name(4)]
+        (data / signal_file).unlink()
+    assert "prefetch: stopped (idle for 0.3 s)\n" in capfd.readouterr().err
+    # Recovery is over (promoted: no signal file): nobody will ask for 3 and 4, and nothing
+    # else would ever remove them from pg_wal.
+    run_prefetcher(spool_dir, repo, ahead=2, idle=0.3, data_dir=data)
     assert segments_in(spool_dir) == []
-    # the spool's own files stay: the next fetch of this recovery uses the spool as before
+    # the spool's own files stay: the next fetch uses the spool as before
     assert sorted(os.listdir(spool_dir)) == ["lock", "repository", "want"]
     err = capfd.readouterr().err
     assert "prefetch: stopped (idle for 0.3 s; removed 2 unused segment(s))" in err
     # asked to stop (discard): the segments are discard()'s to remove, with the spool
-    (spool_dir / "want").write_text(name(2) + "\n")
-    run_prefetcher(spool_dir, repo, ahead=2, idle=0.3, empty=False)
+    run_prefetcher(spool_dir, repo, ahead=2, idle=0.3)
     assert segments_in(spool_dir) == [name(3), name(4)]
     (spool_dir / "stop").touch()
-    run_prefetcher(spool_dir, repo, ahead=2, idle=600, empty=True)
+    run_prefetcher(spool_dir, repo, ahead=2, idle=600, data_dir=data)
     assert segments_in(spool_dir) == [name(3), name(4)]
     assert "prefetch: stopped (asked to stop)" in capfd.readouterr().err
 
@@ -446,7 +457,7 @@ def test_prefetcher_stops_on_the_stop_file_and_when_its_spool_is_gone(
         if fn not in ("want", "lock", "repository"):
             os.unlink(moved / "pg_wal" / "pitr-prefetch" / fn)
     try:
-        prefetch.run(dir_fd, lock_fd, str(repo), 1, marker, idle_seconds=0.3, empty_when_idle=False)
+        prefetch.run(dir_fd, lock_fd, str(repo), 1, marker, idle_seconds=0.3)
     finally:
         os.close(lock_fd)
         os.close(dir_fd)
