@@ -211,6 +211,26 @@ def alive(pid: int) -> bool:
 # a real restore
 
 
+def start_clone(clone: PgCluster, source: Source, conf: dict[str, str]) -> None:
+    """Start ``clone``, a copy of the source's base backup, in archive recovery with ``conf``."""
+    clone.sockdir.mkdir()
+    give_to_server_user(clone.sockdir)
+    shutil.copytree(source.backup, clone.datadir, symlinks=True)
+    chown_tree(clone.datadir)
+    os.chmod(clone.datadir, 0o700)
+    clone.append_conf(
+        {
+            "port": str(clone.port),
+            "unix_socket_directories": pg_quote(str(clone.sockdir)),
+            "archive_mode": "off",
+            **conf,
+        }
+    )
+    (clone.datadir / "recovery.signal").touch()
+    give_to_server_user(clone.datadir / "recovery.signal")
+    clone.start(timeout=300)
+
+
 def test_restore_replays_the_archive_through_prefetch(source: Source, program: str) -> None:
     restore_command = hostcmd.restore_command_for(
         program=program, repo=str(source.repo), prefetch=4
@@ -218,22 +238,7 @@ def test_restore_replays_the_archive_through_prefetch(source: Source, program: s
     assert restore_command.endswith(" --prefetch 4 fetch %f %p")
     clone = PgCluster(new_dir("pitr-prefetch-clone-"))
     try:
-        clone.sockdir.mkdir()
-        give_to_server_user(clone.sockdir)
-        shutil.copytree(source.backup, clone.datadir, symlinks=True)
-        chown_tree(clone.datadir)
-        os.chmod(clone.datadir, 0o700)
-        clone.append_conf(
-            {
-                "port": str(clone.port),
-                "unix_socket_directories": pg_quote(str(clone.sockdir)),
-                "archive_mode": "off",
-                "restore_command": pg_quote(restore_command),
-            }
-        )
-        (clone.datadir / "recovery.signal").touch()
-        give_to_server_user(clone.datadir / "recovery.signal")
-        clone.start(timeout=300)
+        start_clone(clone, source, {"restore_command": pg_quote(restore_command)})
         clone.wait_for("SELECT pg_is_in_recovery()", False, timeout=300)
         assert clone.scalar("SELECT count(*) FROM pgbench_accounts") == source.accounts
         assert clone.scalar("SELECT m FROM prefetch_marker") == source.marker
@@ -269,24 +274,15 @@ def test_segments_nobody_took_go_once_recovery_is_over(source: Source, program: 
     )
     clone = PgCluster(new_dir("pitr-prefetch-early-"))
     try:
-        clone.sockdir.mkdir()
-        give_to_server_user(clone.sockdir)
-        shutil.copytree(source.backup, clone.datadir, symlinks=True)
-        chown_tree(clone.datadir)
-        os.chmod(clone.datadir, 0o700)
-        clone.append_conf(
+        start_clone(
+            clone,
+            source,
             {
-                "port": str(clone.port),
-                "unix_socket_directories": pg_quote(str(clone.sockdir)),
-                "archive_mode": "off",
                 "restore_command": pg_quote(restore_command),
                 "recovery_target": "'immediate'",
                 "recovery_target_action": "'promote'",
-            }
+            },
         )
-        (clone.datadir / "recovery.signal").touch()
-        give_to_server_user(clone.datadir / "recovery.signal")
-        clone.start(timeout=300)
         clone.wait_for("SELECT pg_is_in_recovery()", False, timeout=300)
         assert not (clone.datadir / "recovery.signal").exists()
         pattern = re.compile(r"prefetch: stopped \(idle for 10 s; removed ([0-9]+) unused segment")
