@@ -341,6 +341,7 @@ def _fetch_prefetching(opts: Options) -> int:
         spool = prefetch.Spool.open(opts.spool or prefetch.DEFAULT_SPOOL, opts.repo)
         size = None
         if spool is not None:
+            spool.expect(name)
             size = spool.take(name, dest, opts.timeout or DEFAULT_TIMEOUT)
     except Exception as exc:
         log(f"fetch {name}: the prefetch spool is unusable ({type(exc).__name__}: {exc})")

@@ -12,7 +12,9 @@ Spool layout (default ``pg_wal/pitr-prefetch`` relative to the data directory, t
 directory of restore_command: on the same file system as ``%p``, and never in a base backup)::
 
     repository        which repository the spool belongs to (path, identity, identity file stat)
-    want              the last segment the foreground handed to PostgreSQL
+    want              the last segment PostgreSQL asked the foreground for (written before the
+                      foreground looks into the spool, so that the prefetcher never fetches
+                      again the segment being taken out of it)
     lock              flock()ed by the prefetcher while it lives (its pid inside)
     stop              present: the prefetcher exits (written by discard())
     NAME              a complete segment, verified by archive.fetch (temp file + rename)
@@ -298,9 +300,18 @@ class Spool:
         busy = any(f.startswith(prefix) for f in os.listdir(self.dir_fd))
         return busy and _lock_held(self.dir_fd)
 
-    def advance(self, name: str, ahead: int, repo_path: str) -> None:
-        """Record ``name`` as handed out; start a prefetcher for the next ``ahead`` segments."""
+    def expect(self, name: str) -> None:
+        """Record that PostgreSQL asks for ``name``, before it is taken out of the spool.
+
+        The prefetcher skips segments at or below ``want`` and keeps ``want`` itself in the
+        spool: written first, it can no longer see ``name`` gone, take it for missing and fetch
+        it a second time while the foreground takes it.
+        """
         _write(self.dir_fd, WANT_FILE, name + "\n")
+
+    def advance(self, name: str, ahead: int, repo_path: str) -> None:
+        """``name`` was handed out: make sure a prefetcher works on the next ``ahead`` segments
+        (``want`` says ``name`` already, see :meth:`expect`)."""
         if _exists(self.dir_fd, STOP_FILE):
             return  # discarded: no new prefetcher
         lock_fd = _try_lock(self.dir_fd)
@@ -435,7 +446,8 @@ class Prefetcher:
     def round(self, want: str) -> None:
         """Fetch the missing segments of the window after ``want``, stopping at an absent one."""
         names = window(want, self.ahead, self.marker.segment_size)
-        self.tidy(set(names))
+        # want itself too: the foreground may be taking it right now (expect() came first)
+        self.tidy({want, *names})
         todo = []
         for n in names:
             if n in self.failed or _exists(self.dir_fd, n):

@@ -300,7 +300,7 @@ def test_take_does_not_wait_for_a_dead_prefetchers_leftover(repo: Path, spool_di
     assert time.monotonic() - started < 300  # it did not wait out the bound
 
 
-def test_advance_writes_want_and_starts_one_prefetcher(
+def test_expect_writes_want_and_advance_starts_one_prefetcher(
     repo: Path, spool_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started: list[tuple[int, str, int]] = []
@@ -313,16 +313,19 @@ def test_advance_writes_want_and_starts_one_prefetcher(
     spool = Spool.open(str(spool_dir), str(repo))
     assert spool is not None
     try:
+        spool.expect(name(3))
         spool.advance(name(3), 4, str(repo))
         assert (spool_dir / "want").read_text() == name(3) + "\n"
         assert started == [(4, str(repo), SEG)]
         lock = os.open(spool_dir / "lock", os.O_RDWR)
         fcntl.flock(lock, fcntl.LOCK_EX)  # one runs: no second one
+        spool.expect(name(4))
         spool.advance(name(4), 4, str(repo))
         os.close(lock)
         assert (spool_dir / "want").read_text() == name(4) + "\n"
         assert len(started) == 1
         (spool_dir / "stop").touch()  # discarded: none any more
+        spool.expect(name(5))
         spool.advance(name(5), 4, str(repo))
         assert len(started) == 1
         assert not [f for f in os.listdir(spool_dir) if ".pitr-tmp." in f]
@@ -565,6 +568,14 @@ def test_fetch_through_main_serves_then_falls_back(
         os.close(lock_fd)
 
     monkeypatch.setattr(prefetch, "spawn", fake_spawn)
+    wanted_at_take: list[str] = []
+    real_take = Spool.take
+
+    def take(self: Spool, segment_name: str, dest: str, wait_seconds: float) -> int | None:
+        wanted_at_take.append((spool_dir / "want").read_text().strip())
+        return real_take(self, segment_name, dest, wait_seconds)
+
+    monkeypatch.setattr(Spool, "take", take)
     monkeypatch.chdir(spool_dir.parent.parent)
     args: list[str] = ["--repo", str(repo), "--timeout", "0", "--prefetch", "2"]
     assert hostcmd.main([*args, "fetch", name(3), "pg_wal/RECOVERYXLOG"]) == 0
@@ -576,11 +587,15 @@ def test_fetch_through_main_serves_then_falls_back(
     assert hostcmd.main([*args, "fetch", name(4), "pg_wal/RECOVERYXLOG"]) == 0
     assert f"fetch {name(4)}: restored 16.0 MiB from prefetch" in capfd.readouterr().err
     assert Path("pg_wal/RECOVERYXLOG").read_bytes() == segment(4)
-    # not archived: 1 from the foreground's own look, want unchanged, nothing written
+    # not archived: 1 from the foreground's own look, nothing written; want says what was
+    # asked (a prefetcher looks past it, where nothing is archived either), none is started
     os.unlink("pg_wal/RECOVERYXLOG")
     assert hostcmd.main([*args, "fetch", name(5), "pg_wal/RECOVERYXLOG"]) == 1
     assert not os.path.exists("pg_wal/RECOVERYXLOG")
-    assert (spool_dir / "want").read_text() == name(4) + "\n"
+    assert (spool_dir / "want").read_text() == name(5) + "\n"
+    assert spawned == [2, 2]
+    # want named each segment before the spool was looked into (see expect())
+    assert wanted_at_take == [name(3), name(4), name(5)]
     # a spool that cannot be made: the direct fetch, one line
     monkeypatch.chdir(repo.parent)
     assert hostcmd.main([*args, "fetch", name(3), "RECOVERYXLOG"]) == 0
@@ -608,6 +623,43 @@ def test_fetch_keeps_its_exit_code_when_the_spool_breaks(
     err = capfd.readouterr().err
     assert "the prefetch spool is unusable (KeyError" in err
     assert "cannot start the prefetch (KeyError" in err
+
+
+def test_a_segment_being_taken_is_not_fetched_again(repo: Path, spool_dir: Path) -> None:
+    """The foreground writes want before it takes the segment out of the spool: a round
+    that began with the old want and finds the segment gone skips it instead of fetching it
+    again, and a round of the new want does not tidy it away before it is taken."""
+    archive_segments(repo, 3, 4, 5)
+    spool = Spool.open(str(spool_dir), str(repo))
+    assert spool is not None
+    dir_fd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fetched: list[str] = []
+    try:
+        pf = prefetch.Prefetcher(
+            dir_fd, repository.Repository.open_posix(str(repo)), 3, spool.marker, threads=1
+        )
+        real_fetch_one = pf.fetch_one
+
+        def counting_fetch_one(segment_name: str) -> bool:
+            fetched.append(segment_name)
+            return real_fetch_one(segment_name)
+
+        pf.fetch_one = counting_fetch_one  # type: ignore[method-assign]
+        for n in (3, 4):
+            (spool_dir / name(n)).write_bytes(segment(n))
+        spool.expect(name(3))
+        pf.round(name(3))  # the new want's round: 3 stays for the foreground, 5 is fetched
+        assert segments_in(spool_dir) == [name(3), name(4), name(5)]
+        assert fetched == [name(5)]
+        (spool_dir / name(5)).unlink()
+        dest = spool_dir.parent / "RECOVERYXLOG"
+        assert spool.take(name(3), str(dest), 0) == SEG
+        pf.round(name(2))  # a round that read the old want before the take
+        assert fetched == [name(5), name(5)]  # 3 was skipped: it is at or below want
+        assert segments_in(spool_dir) == [name(4), name(5)]
+    finally:
+        os.close(dir_fd)
+        spool.close()
 
 
 def test_prefetcher_leaves_the_foregrounds_files_alone(repo: Path, spool_dir: Path) -> None:
