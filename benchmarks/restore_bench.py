@@ -22,9 +22,15 @@ data directory and port, to one recovery target time; rotated order per round:
 * ``pgbackrest``: ``pgbackrest restore --type=time --target-action=promote`` into a new data
   directory, start, wait until a write commits.
 * ``noop``: Ansible's fixed cost: a play on the same inventory with one ``ansible.builtin.ping``.
+* ``floor``: the least a playbook that restores as this role does can take: a play that calls
+  each of the role's three modules once (plan, stage, follow), each failing at once on its
+  missing arguments: built, sent to the host, started and imported, but doing no work. Against
+  ``cp`` it shows how much of the 1.15x Ansible takes before any restore work.
 
 Before each timed restore the page cache is written back (``sync``, not timed), so that no
-method pays for the dirty pages of the one before it or of the set-up.
+method pays for the dirty pages of the one before it or of the set-up. With ``--cold`` the page
+cache is also dropped before each restore and no-op play, as the 300 MB reference point of
+``performance-targets.md`` was measured: backup, WAL and programs come from disk.
 
 Exactness: ``--targets`` random times between markers committed after the backup, restored by
 the role (clones, ``--batch`` hosts per ansible-playbook run); each clone must hold exactly the
@@ -118,6 +124,12 @@ def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
         default=10,
         help="pitr_restore_progress_interval: the role waits up to this long per round of"
         " following recovery (role default 10; the integration tests use 2) [10]",
+    )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache (/proc/sys/vm/drop_caches) before each timed restore and"
+        " no-op play, as the 300 MB reference point of performance-targets.md was measured",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed for targets [1]")
     p.add_argument("--no-pgbackrest", action="store_true", help="skip the pgBackRest baseline")
@@ -615,7 +627,48 @@ def noop_play(s: Setup) -> float:
     return wall
 
 
-def bench_rto(s: Setup, rounds: int, used: set[int]) -> dict[str, t.Any]:
+def settle_cache(cold: bool) -> None:
+    """Write the page cache back (not timed), and with ``cold`` also drop it: each restore then
+    reads its backup, WAL and programs from disk, as a restore on a host that did not just
+    take the backup does."""
+    os.sync()
+    if cold:
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n", encoding="ascii")
+        except OSError as exc:
+            raise BenchError(
+                f"--cold: cannot drop the page cache ({exc}); run the benchmark as root on a"
+                " host (not a container) that allows it, or leave --cold out"
+            ) from exc
+
+
+ROLE_MODULES = ("restore_plan", "restore_stage", "restore_recovery")
+
+
+def floor_play(s: Setup) -> float:
+    """The least any playbook that works as this role does can take here: the no-op play's
+    start-up plus one call of each module the role calls, each failing on its (missing)
+    arguments at once: built, sent, started and imported, doing no work."""
+    play = [
+        {
+            "name": "floor",
+            "hosts": "postgresql",
+            "become": True,
+            "gather_facts": False,
+            "tasks": [
+                {"name": m, f"pitr.postgresql.{m}": {}, "ignore_errors": True} for m in ROLE_MODULES
+            ],
+        }
+    ]
+    wall, report = s.playbook(play, {"floor": {}})
+    results = _task_results(report, "floor")
+    missing = [r for r in results if "missing required arguments" not in str(r.get("msg", ""))]
+    if len(results) != len(ROLE_MODULES) or missing:
+        raise BenchError(f"the floor play did not fail on arguments only: {results}")
+    return wall
+
+
+def bench_rto(s: Setup, rounds: int, used: set[int], cold: bool) -> dict[str, t.Any]:
     # a late target: between the last two markers after the backup, so nearly all WAL replays
     last, before = s.after[-1], s.after[-2]
     target = before.commit_time + (last.commit_time - before.commit_time) / 2
@@ -626,14 +679,17 @@ def bench_rto(s: Setup, rounds: int, used: set[int]) -> dict[str, t.Any]:
         order = methods[rnd % len(methods) :] + methods[: rnd % len(methods)]
         if rnd % 2:
             order.reverse()
-        log(f"RTO round {rnd + 1}/{rounds}: noop, {', '.join(order)}")
+        log(f"RTO round {rnd + 1}/{rounds}: noop, floor, {', '.join(order)}")
+        settle_cache(cold)
         raw.append({"method": "noop", "round": rnd, "wall_s": noop_play(s)})
+        settle_cache(cold)
+        raw.append({"method": "floor", "round": rnd, "wall_s": floor_play(s)})
         for method in order:
             name = f"rto-{method}-{rnd}"
             port = _free_port(used)
             # Nothing another method (or the set-up) left dirty is written back on this one's
-            # time: each restore starts from a clean page cache, not a cold one.
-            os.sync()
+            # time: each restore starts from a clean page cache (a cold one with --cold).
+            settle_cache(cold)
             res = RESTORERS[method](s, target, name, port)
             ids = marker_ids(s.sock, port)
             res.update(method=method, round=rnd, exact=ids == expected, markers=len(ids))
@@ -704,6 +760,10 @@ def bench_exactness(s: Setup, count: int, batch: int, seed: int) -> dict[str, t.
     }
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
     started = time.time()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pitr-rbench-", dir="/var/tmp"))
@@ -712,7 +772,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
         setup = Setup(workdir, args)
         s = setup
         used = {s.port}
-        rto = bench_rto(s, max(1, int(args.rounds)), used)
+        rto = bench_rto(s, max(1, int(args.rounds)), used, bool(getattr(args, "cold", False)))
         exact = bench_exactness(s, int(args.targets), int(args.batch), int(args.seed))
         info = {
             "backup": {k: s.backup.get(k) for k in ("label", "stop_time", "size_on_disk")},
@@ -722,6 +782,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
             "markers": len(s.markers),
             "markers_after_backup": len(s.after),
             "pgbackrest": s.with_pgbackrest,
+            "page_cache": "dropped before each restore" if getattr(args, "cold", False) else "warm",
         }
     finally:
         if setup is not None:
@@ -736,7 +797,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
             "wall_s": median_or_none([r["wall_s"] for r in raw if r["method"] == m]),
             "n": sum(1 for r in raw if r["method"] == m),
         }
-        for m in ("noop", *METHODS)
+        for m in ("noop", "floor", *METHODS)
     }
     ratios: dict[str, list[float]] = {}
     for rnd in sorted({r["round"] for r in raw}):
@@ -749,6 +810,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, t.Any]:
                 "role_minus_noop_vs_cp",
                 None if by.get("role") is None else by["role"] - by.get("noop", 0.0),
                 by.get("cp"),
+            ),
+            ("floor_vs_cp", by.get("floor"), by.get("cp")),
+            ("role_minus_floor_vs_cp", _minus(by.get("role"), by.get("floor")), by.get("cp")),
+            (
+                "role_minus_floor_vs_pgbackrest",
+                _minus(by.get("role"), by.get("floor")),
+                by.get("pgbackrest"),
             ),
         ):
             value = ratio(num, den)
@@ -787,18 +855,20 @@ def render(results: dict[str, t.Any]) -> str:
         f" ({info['cp_archive_segments']} files in the cp archive),"
         f" {info['markers_after_backup']} markers after the backup. Target:"
         f" {results['rto']['target']} ({results['rto']['expected_markers']} markers)."
+        f" Page cache: {info.get('page_cache', 'warm')}."
         f" Took {results['duration_s']:.0f} s; load average at end"
         f" {results['loadavg_end'][0]:.1f}.",
         "",
     ]
     labels = {
         "noop": "Ansible fixed overhead (no-op play, one ping)",
+        "floor": "floor: no-op play's start + one call of each of the role's 3 modules, no work",
         "role": "`ansible-playbook pitr_restore.yml` (clone) to writable",
         "cp": "by hand: extract + `cp` restore_command to writable",
         "pgbackrest": "`pgbackrest restore --type=time` + start to writable",
     }
     rows = []
-    for m in ("noop", *METHODS):
+    for m in ("noop", "floor", *METHODS):
         if med.get(m, {}).get("n"):
             exact = [r["exact"] for r in results["rto"]["raw"] if r["method"] == m and "exact" in r]
             shown = f"{sum(exact)}/{len(exact)}" if exact else "-"
@@ -822,6 +892,12 @@ def render(results: dict[str, t.Any]) -> str:
             ["role / pgbackrest restore", fmt(r("role_vs_pgbackrest"), 2, "x"), "<= 1.0x",
              ok(r("role_vs_pgbackrest"), 1.0)],
             ["pgbackrest / cp restore", fmt(r("pgbackrest_vs_cp"), 2, "x"), "-", "-"],
+            ["floor / cp restore (what Ansible alone takes of the 1.15x)",
+             fmt(r("floor_vs_cp"), 2, "x"), "-", "-"],
+            ["(role - floor) / cp restore: the role's own work",
+             fmt(r("role_minus_floor_vs_cp"), 2, "x"), "-", "-"],
+            ["(role - floor) / pgbackrest restore",
+             fmt(r("role_minus_floor_vs_pgbackrest"), 2, "x"), "-", "-"],
         ],
     )  # fmt: skip
     role_runs = [x for x in results["rto"]["raw"] if x["method"] == "role" and "tasks" in x]
