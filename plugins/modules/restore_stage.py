@@ -105,6 +105,19 @@ options:
         description: Options for the server (C(pg_ctl -o)).
         type: str
         default: ""
+  record_start:
+    description:
+      - With O(step=swap), or with O(step=stage) when that call put the prepared directory in
+        place (O(swap_if_free)) and O(start) is not given - once the restored directory is in
+        place, record phase C(recovering) in its state file (owned by O(owner)) and return
+        RV(recorded) with the server log's size, so that the start that comes next (systemd)
+        needs no call of M(pitr.postgresql.restore_recovery) to record it. Nothing is started.
+        Not in check mode.
+    type: dict
+    suboptions:
+      log_file:
+        description: The server log, whose size is where this start's lines begin.
+        type: path
   lease:
     description:
       - With O(step=stage), take a restore lease in the repository first, so that a retention
@@ -148,7 +161,8 @@ attributes:
     description: When run twice in a row outside check mode, with the same arguments, the second
       invocation indicates no change.
     support: partial
-    details: O(step=swap) changes nothing once done; O(step=stage) lays the backup down again.
+    details: O(step=swap) changes nothing once done (but writes the state file again with
+      O(record_start)); O(step=stage) lays the backup down again.
 notes:
   - Supports PostgreSQL 13 and later; tested with PostgreSQL 15.
   - Run it as root (it gives the files to O(owner)) or as O(owner) with write access to the
@@ -210,7 +224,7 @@ steps:
     - move /var/lib/postgresql/15/main aside to /var/lib/postgresql/15/main.pitr-old-20261125T1030Z
 state:
   description: The state record written last, with O(step=stage) outside check mode.
-  returned: when O(step=stage)
+  returned: when O(step=stage), or O(step=swap) with O(record_start)
   type: dict
   sample: {phase: prepared, backup: {label: 20261125T101500Z}}
 started:
@@ -220,6 +234,13 @@ started:
   returned: when O(start) started the server
   type: dict
   sample: {log_offset: 0, cmd: [/usr/lib/postgresql/15/bin/pg_ctl, start], started: 1795646024.0}
+recorded:
+  description:
+    - What O(record_start) recorded for the start that comes next - the server log's size
+      (where that start's lines begin), no command, and when (seconds since the epoch).
+  returned: when O(record_start) recorded phase C(recovering)
+  type: dict
+  sample: {log_offset: 18211, cmd: [], started: 1795646024.0}
 written_config:
   description: The configuration files written because the backup had none (O(standalone_config)).
   returned: when O(step=stage)
@@ -267,6 +288,7 @@ ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
             "pg_ctl_options": {"type": "str", "default": ""},
         },
     },
+    "record_start": {"type": "dict", "options": {"log_file": {"type": "path"}}},
     "lease": {
         "type": "dict",
         "options": {
@@ -313,7 +335,13 @@ def main() -> None:
             swap = restore_stage.plan_swap(p["data_dir"], p["old_data_dir"] or None, p["full"])
             if swap.changed and not module.check_mode:
                 restore_stage.swap(swap)
-            module.exit_json(changed=swap.changed, steps=swap.steps(), **result)
+            steps = swap.steps()
+            if p["record_start"] and not module.check_mode:
+                result["state"], result["recorded"] = restore_stage.begin_recovery(
+                    p["data_dir"], p["state"], p["record_start"]["log_file"], None, p["owner"]
+                )
+                steps.append(f"record phase recovering in {p['data_dir']}/pitr_restore.json")
+            module.exit_json(changed=swap.changed or "recorded" in result, steps=steps, **result)
         request = restore_stage.StageRequest(
             data_dir=p["data_dir"],
             backup=p["backup"],
@@ -361,6 +389,11 @@ def main() -> None:
                     owner=p["owner"],
                 )
                 steps.append(f"start PostgreSQL on {p['data_dir']} (pg_ctl start --no-wait)")
+            elif swapped and p["record_start"]:
+                record, result["recorded"] = restore_stage.begin_recovery(
+                    p["data_dir"], record, p["record_start"]["log_file"], None, p["owner"]
+                )
+                steps.append(f"record phase recovering in {p['data_dir']}/pitr_restore.json")
         except PitrError as exc:
             module.fail_json(**exc.to_result())
     module.exit_json(

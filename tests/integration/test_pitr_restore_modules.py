@@ -1,14 +1,17 @@
 # Copyright: contributors to pitr.postgresql
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""pitr.postgresql.recovery_settings through ansible-playbook: check mode, diff, idempotence.
+"""pitr.postgresql.recovery_settings and restore_stage's swap through ansible-playbook: check
+mode, diff, idempotence.
 
-The restore role's tests exercise it on real clusters; this file checks the module contract on
-a data directory laid out as PostgreSQL leaves it (PG_VERSION, an ALTER SYSTEM file).
+The restore role's tests exercise them on real clusters; this file checks the module contracts
+on data directories laid out as PostgreSQL leaves them (PG_VERSION, an ALTER SYSTEM file).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -72,3 +75,55 @@ def test_recovery_settings_refuses_what_is_not_a_data_directory(tmp_path: Path) 
     assert "not a PostgreSQL data directory" in result.msg
     result = run_module(MODULE, {"data_dir": str(tmp_path)})
     assert result.failed and "settings" in result.msg
+
+
+def test_swap_puts_the_restore_in_place_and_records_the_start(tmp_path: Path) -> None:
+    """restore_stage step=swap with record_start (the role's systemd path): the old data
+    directory goes aside with everything in it, the prepared one takes its place, and its state
+    file says "recovering", owned as asked, before anything starts; the log offset of the start
+    to come is returned. A re-run renames nothing and records again."""
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    data, old = tmp_path / "main", tmp_path / "main.pitr-old-20261126T0300Z"
+    staging = tmp_path / "main.pitr-staging"
+    data.mkdir(mode=0o700)
+    (data / "precious.txt").write_text("the old cluster\n")
+    staging.mkdir(mode=0o700)
+    (staging / "PG_VERSION").write_text("15\n")
+    (staging / "pitr_restore.json").write_text(json.dumps({"phase": "prepared"}))
+    log = tmp_path / "server.log"
+    log.write_text("a line the server wrote before\n")
+    args = {
+        "step": "swap",
+        "data_dir": str(data),
+        "old_data_dir": str(old),
+        "state": {"backup": {"label": "20261126T025500Z"}},
+        "owner": owner,
+        "record_start": {"log_file": str(log)},
+    }
+
+    predicted = run_module("pitr.postgresql.restore_stage", args, check=True)
+    assert predicted.changed and not predicted.failed, predicted.msg
+    assert "recorded" not in predicted.result
+    assert (staging / "PG_VERSION").exists() and not old.exists()  # check mode: nothing moved
+
+    swapped = run_module("pitr.postgresql.restore_stage", args)
+    assert swapped.changed and not swapped.failed, swapped.msg
+    assert (old / "precious.txt").read_text() == "the old cluster\n"
+    assert (data / "PG_VERSION").exists() and not staging.exists()
+    state = json.loads((data / "pitr_restore.json").read_text())
+    assert state["phase"] == "recovering"
+    assert state["backup"] == {"label": "20261126T025500Z"}
+    assert (data / "pitr_restore.json").stat().st_uid == os.getuid()
+    assert swapped["recorded"]["log_offset"] == log.stat().st_size
+    assert swapped["recorded"]["cmd"] == []
+    assert swapped["state"]["phase"] == "recovering"
+    assert swapped["steps"][-1] == f"record phase recovering in {data}/pitr_restore.json"
+
+    log.write_text("a line the server wrote before\nand one more\n")
+    again = run_module("pitr.postgresql.restore_stage", args)
+    assert again.changed and not again.failed, again.msg  # the record, not a rename
+    assert again["steps"] == [f"record phase recovering in {data}/pitr_restore.json"]
+    assert again["recorded"]["log_offset"] == log.stat().st_size
+    assert (old / "precious.txt").exists() and (data / "PG_VERSION").exists()
+    without = {k: v for k, v in args.items() if k != "record_start"}
+    assert not run_module("pitr.postgresql.restore_stage", without).changed
